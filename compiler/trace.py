@@ -1,0 +1,107 @@
+"""Tracing: torch.export of one paged step into an aten FX graph with dynamic batch and sequence dims.
+
+Two graphs per model: "prefill" (S dynamic) and "decode" (S = 1). Both take the same inputs:
+  input_ids [B, S] int64, positions [B, S] int64, k_cache / v_cache [L, NB, BS, Hkv, D],
+  block_table [B, MB] int64, past_lens [B] int64, last_index [B] int64
+and return (logits [B, V], new_k [L, B, S, Hkv, D], new_v [L, B, S, Hkv, D]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from llmc.models import PagedKV, Transformer
+
+INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index")
+OUTPUT_NAMES = ("logits", "new_k", "new_v")
+
+
+class PagedStep(nn.Module):
+    """Adapts `Transformer` to flat tensor inputs, the form torch.export and the runtime share."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, positions, k_cache, v_cache, block_table, past_lens, last_index):
+        return self.model(input_ids, positions, PagedKV(k_cache, v_cache, block_table, past_lens), last_index)
+
+
+@dataclass
+class Traced:
+    """One traced graph: placeholders are the user inputs (INPUT_NAMES), weights are get_attr nodes whose
+    attribute names are the weights' flat names ("layers_0_self_attn_q_proj_weight")."""
+
+    name: str  # "prefill" | "decode"
+    gm: torch.fx.GraphModule
+
+
+def flat_name(fqn: str) -> str:
+    return fqn.replace(".", "_")
+
+
+def unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The exported graph with parameters, buffers and constants turned from inputs into attributes.
+
+    Passes then see weights as get_attr nodes they can read, fold and replace, and the graph's inputs are
+    only the runtime's tensors. Tied weights stay one attribute (export lifts a shared tensor once).
+    """
+    from torch.export.graph_signature import InputKind
+
+    gm = torch.fx.GraphModule(torch.nn.Module(), ep.graph_module.graph)
+    tensors = {**ep.state_dict, **ep.constants}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, ep.graph_signature.input_specs, strict=True):
+        if spec.kind == InputKind.USER_INPUT:
+            node.target = node.name = spec.arg.name
+            continue
+        if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            raise NotImplementedError(f"exported input of kind {spec.kind} is not supported")
+        name = flat_name(spec.target.removeprefix("model."))
+        tensor = tensors[spec.target]
+        gm.register_buffer(name, tensor.detach()) if not hasattr(gm, name) else None
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta = dict(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def example_inputs(model: Transformer, batch: int, seq: int, block_size: int, device="cpu"):
+    """Inputs whose sizes are all distinct and > 1, so export specializes none of the dynamic dims."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    num_blocks, max_blocks = 11, 3
+    cache = torch.zeros(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device)
+    return (
+        torch.zeros(batch, seq, dtype=torch.long, device=device),
+        torch.arange(seq, device=device).repeat(batch, 1),
+        cache, cache.clone(),
+        torch.zeros(batch, max_blocks, dtype=torch.long, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
+        torch.full((batch,), seq - 1, dtype=torch.long, device=device),
+    )
+
+
+def trace(model: Transformer, block_size: int) -> list[Traced]:
+    """Exports the prefill and decode graphs of `model` (which may live on the meta device)."""
+    step = PagedStep(model).eval()
+    # Dim.AUTO rather than named Dims: the symbolic solver cannot prove some of SDPA's contiguity guards
+    # (min(a + b*MB, 3a + 3b*MB) == a + b*MB), which are true for every size; AUTO keeps the dims dynamic.
+    batch = seq = blocks = max_blocks = Dim.AUTO
+    device = next(model.parameters()).device
+    traced = []
+    for name, s in (("prefill", 5), ("decode", 1)):
+        seq_dim = seq if s > 1 else Dim.STATIC
+        shapes = ({0: batch, 1: seq_dim}, {0: batch, 1: seq_dim}, {1: blocks}, {1: blocks},
+                  {0: batch, 1: max_blocks}, {0: batch}, {0: batch})
+        with torch.no_grad():
+            ep = torch.export.export(step, example_inputs(model, 2, s, block_size, device), dynamic_shapes=shapes)
+        traced.append(Traced(name, unlift(ep.run_decompositions({}))))
+    return traced

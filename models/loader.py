@@ -1,0 +1,121 @@
+"""Loads Hugging Face checkpoint directories into `Transformer`.
+
+Accepts config.json as the Hub publishes it or as transformers 5 writes it, and model.safetensors or shards
+listed in model.safetensors.index.json. Tensors are streamed one at a time from the memory-mapped files into the
+already allocated parameters, so peak memory is the model plus one tensor, never two copies of the model.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory the user pointed at is unusable; the message says why in one line."""
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
+    try:
+        return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: missing weight file {missing[0]}")
+    if not files:
+        raise CheckpointError(f"{path}: no model.safetensors (pickled .bin checkpoints are not loaded, by design)")
+    return files
+
+
+def tensor_names(path: Path) -> list[str]:
+    names = []
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            names.extend(f.keys())
+    return names
+
+
+def iter_tensors(path: Path, wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every wanted tensor, read one at a time from the memory-mapped files."""
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if wanted(name):
+                    yield name, f.get_tensor(name)
+
+
+def our_name(hf_name: str) -> str:
+    return hf_name.removeprefix("model.")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    progress: bool = False) -> Transformer:
+    """Builds the model of a checkpoint directory with its weights, cast to `dtype`."""
+    path = Path(path)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(dtype)
+    model.init_rope()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    wanted = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    seen = set()
+    from tqdm import tqdm  # imported here: only the loader's progress needs it
+
+    # Names we do not know (e.g. rotary inv_freq saved by old exporters) are skipped: recomputed from the config.
+    stream = iter_tensors(path, lambda n: our_name(n) in params)
+    total = len([n for n in tensor_names(path) if our_name(n) in params])
+    for hf_name, tensor in tqdm(stream, total=total, desc="loading weights", unit="tensor", disable=not progress):
+        name = our_name(hf_name)
+        if tuple(tensor.shape) != tuple(params[name].shape):
+            raise CheckpointError(
+                f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+        seen.add(name)
+    missing = sorted(wanted - seen)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor model.{missing[0]}" if missing[0] != "lm_head.weight"
+                              else f"{path}: missing tensor lm_head.weight")
+    return model.eval()
+
+
+def save_checkpoint(model: Transformer, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Writes `model` as a Hugging Face checkpoint directory (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    tensors = {}
+    for name, p in model.named_parameters():  # tied lm_head appears once, as embed_tokens
+        hf_name = name if name == "lm_head.weight" else f"model.{name}"
+        tensors[hf_name] = p.detach().to(dtype).contiguous()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
