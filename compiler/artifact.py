@@ -1,0 +1,273 @@
+"""The bundle writer: manifest.json + graph.json + weights/*.safetensors + tokenizer/, written atomically.
+
+Everything goes into a hidden sibling of `out` (same parent, so the final rename is atomic on one file
+system); manifest.json, which holds the sha256 of every other file, is written last. A failure or a
+KeyboardInterrupt at any point removes the staging directory and leaves `out` as it was. The reader is
+runtime/bundle.py; the two share the format by these constants, not by imports (runtime never imports
+compiler), and the round-trip tests keep them in step.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from llmc.targets import Target, resolve_dtype
+
+FORMAT = "llmc-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH = "graph.json"
+WEIGHTS_DIR = "weights"
+TOKENIZER_DIR = "tokenizer"
+HASH_CHUNK = 1 << 20
+
+# Only these are copied, so that pointing tokenizer_dir at a checkpoint directory does not drag its weights in.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+REQUIRED_KEYS = ("model", "target", "dtype", "max_seq_len", "block_size", "eos_token_ids", "passes")
+
+
+class BundleWriteError(ValueError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb") as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def toolchain_versions() -> dict:
+    """Versions of what built the bundle; optional packages are looked up by metadata, never imported."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("transformers", "triton"):
+        if importlib.util.find_spec(package) is not None:
+            versions[package] = importlib.metadata.version(package)
+    return versions
+
+
+def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple[str, torch.Tensor]] | None,
+                 tokenizer_dir: Path | None, overwrite: bool = False, shard_bytes: int = 2 << 30,
+                 progress: bool = False) -> Path:
+    """Writes the bundle directory `out` and returns it.
+
+    `manifest` holds the fields of format v1 except format, format_version, created and files (added here);
+    llmc_version and toolchain are filled in when absent; has_weights follows `weights`. Weights are consumed
+    one shard at a time; a tensor that is exactly another one already written (tied embeddings) is stored
+    once and listed under "weight_aliases" {name: stored name}.
+    """
+    out = Path(out)
+    if shard_bytes <= 0:
+        raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
+    _check_destination(out, overwrite)
+    manifest = _complete_manifest(manifest, has_weights=weights is not None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_json(staging / GRAPH, graph)
+        aliases = {}
+        if weights is not None:
+            aliases = _write_weights(staging / WEIGHTS_DIR, weights, shard_bytes, progress)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), staging / TOKENIZER_DIR)
+        manifest["weight_aliases"] = aliases
+        manifest["files"] = _hash_and_sync(staging)
+        _write_json(staging / MANIFEST, manifest, indent=2)
+        _fsync(staging / MANIFEST)
+        _fsync(staging)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise BundleWriteError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    # --overwrite replaces old bundles only: a mistyped --out must never wipe an unrelated directory.
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or _is_bundle(out)):
+        return
+    raise BundleWriteError(f"{out} exists and is not an llmc bundle; refusing to replace it: choose another --out")
+
+
+def _is_bundle(path: Path) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _complete_manifest(given: dict, has_weights: bool) -> dict:
+    missing = [key for key in REQUIRED_KEYS if key not in given]
+    if missing:
+        raise ValueError(f"bundle manifest lacks {', '.join(missing)}")
+    target = Target.from_dict(given["target"])
+    dtype = given["dtype"]
+    if resolve_dtype(target, dtype) != dtype:  # raises when the target cannot run dtype at all
+        raise ValueError(f"manifest dtype {dtype!r} is an alias; write {resolve_dtype(target, dtype)!r}")
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "llmc_version": given.get("llmc_version", importlib.metadata.version("llmc")),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest.update({k: v for k, v in given.items() if k not in ("format", "format_version", "created", "files")})
+    manifest["has_weights"] = has_weights
+    manifest.setdefault("toolchain", toolchain_versions())
+    return manifest
+
+
+def _write_json(path: Path, obj, indent: int | None = None) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+
+
+class _ShardWriter:
+    """Collects tensors until the next one would push the shard past `shard_bytes`, then saves the shard.
+
+    Shard files get their final names (model-0000i-of-0000N) in close(), once N is known.
+    """
+
+    def __init__(self, directory: Path, shard_bytes: int):
+        self.directory = directory
+        self.shard_bytes = shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.pending_storages: set[int] = set()
+        self.parts: list[Path] = []
+        self.names: set[str] = set()
+        self.aliases: dict[str, str] = {}
+        # identity -> (stored name, weakref to the caller's tensor). While that tensor lives, no other tensor
+        # can have the same address, so an identity hit is the same memory; once it dies the address may be
+        # reused, and a dead reference is not trusted.
+        self.written: dict[tuple, tuple[str, weakref.ref]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, not a tensor")
+        if name in self.names:
+            raise ValueError(f"weight {name!r} is given twice")
+        if tensor.device.type == "meta":
+            raise BundleWriteError(f"weight {name} has no data (meta device); compile from a checkpoint with "
+                                   "weights, or without weights")
+        self.names.add(name)
+        identity = (str(tensor.device), tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if tensor.numel():
+            hit = self.written.get(identity)
+            if hit is not None and hit[1]() is not None:
+                self.aliases[name] = hit[0]
+                return 0
+            self.written[identity] = (name, weakref.ref(tensor))
+        data = tensor.detach()
+        if not data.is_contiguous():
+            data = data.contiguous()
+        nbytes = data.numel() * data.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        storage = data.untyped_storage().data_ptr()
+        if data.numel() and storage in self.pending_storages:
+            data = data.clone()  # safetensors refuses two tensors of one storage in a file (qkv slices, say)
+            storage = data.untyped_storage().data_ptr()
+        self.pending_storages.add(storage)
+        self.pending[name] = data
+        self.pending_bytes += nbytes
+        return nbytes
+
+    def _flush(self) -> None:
+        part = self.directory / f"part-{len(self.parts) + 1:05d}.tmp"
+        save_file(self.pending, str(part), metadata={"format": "pt"})
+        self.parts.append(part)
+        self.pending, self.pending_bytes, self.pending_storages = {}, 0, set()
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        if not self.parts:
+            raise BundleWriteError("the weights iterator yielded no tensors; pass weights=None for a bundle "
+                                   "without weights")
+        total = len(self.parts)
+        for i, part in enumerate(self.parts, 1):
+            part.rename(self.directory / f"model-{i:05d}-of-{total:05d}.safetensors")
+
+
+def _write_weights(directory: Path, weights: Iterable[tuple[str, torch.Tensor]], shard_bytes: int,
+                   progress: bool) -> dict[str, str]:
+    directory.mkdir()
+    writer = _ShardWriter(directory, shard_bytes)
+    with tqdm(desc="writing weights", unit="B", unit_scale=True, disable=not progress) as bar:
+        for name, tensor in weights:
+            bar.update(writer.add(name, tensor))
+        writer.close()
+    return writer.aliases
+
+
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    if not source.is_dir():
+        raise BundleWriteError(f"tokenizer directory {source} does not exist")
+    present = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not present:
+        raise BundleWriteError(f"{source} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    destination.mkdir()
+    for name in present:
+        shutil.copyfile(source / name, destination / name)
+
+
+def _hash_and_sync(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (POSIX relative paths, sorted); each file is flushed to disk too."""
+    files = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        _fsync(path)
+        files[path.relative_to(root).as_posix()] = sha256_file(path)
+    for directory in (p for p in root.rglob("*") if p.is_dir()):
+        _fsync(directory)
+    return files
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    # Two renames are not one atomic swap, but at every instant one complete bundle exists (old or new), and
+    # a failed second rename puts the old one back.
+    retired = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, retired)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(retired, out)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
