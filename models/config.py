@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .rope import ROPE_TYPES
+
 ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -36,6 +38,9 @@ class ModelConfig:
             raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(ARCHITECTURES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (llmc supports {', '.join(ROPE_TYPES)})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -52,6 +57,12 @@ class ModelConfig:
         family = {"qwen3": "qwen3", "llama": "llama"}.get(model_type)
         if family is None:
             raise ValueError(f"unsupported model_type {model_type!r} (llmc supports qwen3 and llama)")
+        # Variants the model definition does not implement: refusing beats loading a silently different model.
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (llmc supports silu)")
+        for flag in ("mlp_bias", "use_sliding_window"):
+            if hf.get(flag):
+                raise ValueError(f"unsupported {flag}=true (llmc implements dense full attention without MLP bias)")
         rope = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or None
         if scaling:

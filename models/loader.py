@@ -24,6 +24,8 @@ class CheckpointError(ValueError):
 def read_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     cfg_file = path / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a checkpoint directory or a registry name")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
     if not cfg_file.is_file():
@@ -70,6 +72,10 @@ def our_name(hf_name: str) -> str:
     return hf_name.removeprefix("model.")
 
 
+def hf_name(our: str) -> str:
+    return our if our == "lm_head.weight" else f"model.{our}"
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     progress: bool = False) -> Transformer:
     """Builds the model of a checkpoint directory with its weights, cast to `dtype`."""
@@ -77,30 +83,36 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.tie_weights()
+    # Cast while on meta: materializing in float32 first would double the peak memory of a bf16 load.
     model.to(dtype)
-    model.init_rope()
     params = dict(model.named_parameters(remove_duplicate=False))
     wanted = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
-    seen = set()
+    # Names are checked from the file headers before a byte of memory is allocated for the model. Rotary inv_freq,
+    # saved by old exporters, is recomputed from the config; any other unknown tensor means config.json does not
+    # describe these weights (more layers, MLP bias, another architecture): refuse, never skip.
+    names = [n for n in tensor_names(path) if not n.endswith(".rotary_emb.inv_freq")]
+    unexpected = [n for n in names if our_name(n) not in params]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all) for the "
+                              f"{cfg.family} model config.json describes; check config.json matches the weights")
+    missing = sorted(wanted - {our_name(n) for n in names})
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {hf_name(missing[0])} ({len(missing)} in all)")
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_rope()
+    params = dict(model.named_parameters(remove_duplicate=False))
     from tqdm import tqdm  # imported here: only the loader's progress needs it
 
-    # Names we do not know (e.g. rotary inv_freq saved by old exporters) are skipped: recomputed from the config.
     stream = iter_tensors(path, lambda n: our_name(n) in params)
-    total = len([n for n in tensor_names(path) if our_name(n) in params])
-    for hf_name, tensor in tqdm(stream, total=total, desc="loading weights", unit="tensor", disable=not progress):
-        name = our_name(hf_name)
+    total = len(names)
+    for stored_name, tensor in tqdm(stream, total=total, desc="loading weights", unit="tensor", disable=not progress):
+        name = our_name(stored_name)
         if tuple(tensor.shape) != tuple(params[name].shape):
-            raise CheckpointError(
-                f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+            raise CheckpointError(f"{path}: tensor {stored_name} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(params[name].shape)}")
         with torch.no_grad():
             params[name].copy_(tensor)
-        seen.add(name)
-    missing = sorted(wanted - seen)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor model.{missing[0]}" if missing[0] != "lm_head.weight"
-                              else f"{path}: missing tensor lm_head.weight")
     return model.eval()
 
 
@@ -116,6 +128,5 @@ def save_checkpoint(model: Transformer, path: str | Path, dtype: torch.dtype = t
     (path / "config.json").write_text(json.dumps(hf, indent=2))
     tensors = {}
     for name, p in model.named_parameters():  # tied lm_head appears once, as embed_tokens
-        hf_name = name if name == "lm_head.weight" else f"model.{name}"
-        tensors[hf_name] = p.detach().to(dtype).contiguous()
+        tensors[hf_name(name)] = p.detach().to(dtype).contiguous()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

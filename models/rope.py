@@ -9,6 +9,8 @@ import math
 
 import torch
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, max_positions: int) -> tuple[torch.Tensor, float]:
     base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

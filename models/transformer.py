@@ -158,7 +158,16 @@ class Transformer(nn.Module):
         inv_freq, self.attention_scaling = rope_frequencies(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         if self.inv_freq.device.type != "meta":
-            self.inv_freq.copy_(inv_freq)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(bfloat16) casts buffers too; bf16 RoPE frequencies put the rotation off by whole radians at
+        # long positions. They stay float32 (as transformers' from_pretrained keeps them), recomputed from config.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = torch.empty(self.inv_freq.shape, dtype=torch.float32, device=self.inv_freq.device)
+            self.init_rope()
+        return self
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[..., None].float() * self.inv_freq.float()  # [B, S, D/2]

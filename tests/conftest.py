@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny Qwen3 / Llama checkpoints written by transformers' save_pretrained (the reference), and
+tiny random models of our own.
+
+`tiny_hf_checkpoint(family, tied=..., dtype=..., rope=..., max_shard_size=..., spelling=..., **config)` writes a
+checkpoint directory under the test's tmp_path and returns a `TinyCheckpoint(path, model)`: `model` is the
+transformers model (eval mode) holding exactly the weights written, in the stored dtype. Every parameter,
+norms included, is freshly random, so a swapped or skipped weight changes the logits.
+
+`tiny_model(family, **config)` is our `Transformer` at the same tiny shape with fresh random weights (eval mode).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmc.models import ModelConfig, Transformer
+
+# Odd sizes on purpose: nothing divides evenly by accident, and kv heads < heads exercises GQA.
+# head_dim is explicit: Qwen3Config would otherwise default it to 128.
+TINY_SHAPE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+
+
+@dataclass
+class TinyCheckpoint:
+    path: Path
+    model: torch.nn.Module  # transformers *ForCausalLM with the written weights, in the stored dtype
+
+
+def randomize_parameters_(model: torch.nn.Module, scale: float = 0.2) -> None:
+    """Random weights in a range that keeps logits O(1); norm weights around 1 so they matter but stay sane."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + scale * torch.randn_like(param))
+            else:
+                param.copy_(scale * torch.randn_like(param))
+
+
+def hub_spelling(hf: dict, scaling_key: str = "rope_type") -> dict:
+    """A transformers-5 config.json dict rewritten as the Hub publishes it: rope_theta at the top level,
+    rope_scaling (type under `scaling_key`, or null for default RoPE), torch_dtype instead of dtype."""
+    out = dict(hf)
+    rope = dict(out.pop("rope_parameters", None) or {})
+    out["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    kind = rope.pop("rope_type", "default")
+    out["rope_scaling"] = None if kind == "default" else {**rope, scaling_key: kind}
+    out["torch_dtype"] = out.pop("dtype")
+    return out
+
+
+def write_tiny_hf_checkpoint(path: Path, family: str = "qwen3", *, tied: bool = False,
+                             dtype: torch.dtype = torch.float32, rope: dict | None = None,
+                             max_shard_size: str | None = None, spelling: str = "transformers5",
+                             **config) -> TinyCheckpoint:
+    """`rope`: rope_parameters beyond the theta (e.g. {"rope_type": "yarn", "factor": 4.0, ...}); `config`:
+    overrides of TINY_SHAPE and any other config field; `spelling`: "transformers5", "hub" or "hub-type"
+    (the older rope_scaling {"type": ...} key)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    config_class, model_class = classes[family]
+    theta = config.pop("rope_theta", 10000.0)
+    hf_config = config_class(**{**TINY_SHAPE, **config}, tie_word_embeddings=tied,
+                             rope_parameters={"rope_type": "default", "rope_theta": theta, **(rope or {})})
+    model = model_class(hf_config).eval()
+    randomize_parameters_(model)
+    model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if spelling != "transformers5":
+        config_file = path / "config.json"
+        hf = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps(hub_spelling(hf, "type" if spelling == "hub-type" else "rope_type")))
+    if dtype != torch.float32:
+        # Reloaded, as users get it: `.to(bfloat16)` also rounded the RoPE buffer, from_pretrained keeps it fp32.
+        model = model_class.from_pretrained(path, dtype=dtype).eval()
+    return TinyCheckpoint(path, model)
+
+
+@pytest.fixture
+def tiny_hf_checkpoint(tmp_path):
+    """Factory: `tiny_hf_checkpoint("llama", tied=True, ...)`; each call writes a new directory."""
+    count = 0
+
+    def make(family: str = "qwen3", **kwargs) -> TinyCheckpoint:
+        nonlocal count
+        count += 1
+        return write_tiny_hf_checkpoint(tmp_path / f"{family}-{count}", family, **kwargs)
+
+    return make
+
+
+def tiny_config(family: str = "qwen3", **overrides) -> ModelConfig:
+    shape = dict(vocab_size=TINY_SHAPE["vocab_size"], hidden_size=TINY_SHAPE["hidden_size"],
+                 intermediate_size=TINY_SHAPE["intermediate_size"], num_layers=TINY_SHAPE["num_hidden_layers"],
+                 num_heads=TINY_SHAPE["num_attention_heads"], num_kv_heads=TINY_SHAPE["num_key_value_heads"],
+                 head_dim=TINY_SHAPE["head_dim"],
+                 max_position_embeddings=TINY_SHAPE["max_position_embeddings"], qk_norm=family == "qwen3",
+                 dtype="float32")
+    return ModelConfig(family=family, **{**shape, **overrides})
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: `tiny_model("llama", num_kv_heads=3, tie_word_embeddings=True)` -> random `Transformer`."""
+
+    def make(family: str = "qwen3", **overrides) -> Transformer:
+        model = Transformer(tiny_config(family, **overrides))
+        randomize_parameters_(model)
+        return model.eval()
+
+    return make
