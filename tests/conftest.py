@@ -19,6 +19,10 @@ import torch
 
 from llmc.models import ModelConfig, Transformer
 
+# The tests' models are tiny: a second thread buys nothing, and when other processes share the cores OpenMP's
+# spinning threads slow each op down a hundredfold.
+torch.set_num_threads(1)
+
 # Odd sizes on purpose: nothing divides evenly by accident, and kv heads < heads exercises GQA.
 # head_dim is explicit: Qwen3Config would otherwise default it to 128.
 TINY_SHAPE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
@@ -113,5 +117,15 @@ def tiny_model():
         model = Transformer(tiny_config(family, **overrides))
         randomize_parameters_(model)
         return model.eval()
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def module_hf_checkpoint(tmp_path_factory):
+    """Module-scoped variant of `tiny_hf_checkpoint`, for tests that share one compiled bundle."""
+
+    def make(family: str = "qwen3", **kwargs) -> TinyCheckpoint:
+        return write_tiny_hf_checkpoint(tmp_path_factory.mktemp(family), family, **kwargs)
 
     return make
