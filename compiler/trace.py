@@ -7,6 +7,7 @@ and return (logits [B, V], new_k [L, B, S, Hkv, D], new_v [L, B, S, Hkv, D]).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ def example_inputs(model: Transformer, batch: int, seq: int, block_size: int, de
     )
 
 
-def trace(model: Transformer, block_size: int) -> list[Traced]:
+def trace(model: Transformer, block_size: int, progress: bool = False) -> list[Traced]:
     """Exports the prefill and decode graphs of `model` (which may live on the meta device)."""
     step = PagedStep(model).eval()
     # Dim.AUTO rather than named Dims: the symbolic solver cannot prove some of SDPA's contiguity guards
@@ -97,11 +98,15 @@ def trace(model: Transformer, block_size: int) -> list[Traced]:
     batch = seq = blocks = max_blocks = Dim.AUTO
     device = next(model.parameters()).device
     traced = []
-    for name, s in (("prefill", 5), ("decode", 1)):
+    from tqdm import tqdm
+
+    for name, s in tqdm((("prefill", 5), ("decode", 1)), desc="tracing graphs", unit="graph", disable=not progress):
         seq_dim = seq if s > 1 else Dim.STATIC
         shapes = ({0: batch, 1: seq_dim}, {0: batch, 1: seq_dim}, {1: blocks}, {1: blocks},
                   {0: batch, 1: max_blocks}, {0: batch}, {0: batch})
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's own pytree internals warn about their deprecated LeafSpec on every export; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             ep = torch.export.export(step, example_inputs(model, 2, s, block_size, device), dynamic_shapes=shapes)
         traced.append(Traced(name, unlift(ep.run_decompositions({}))))
     return traced
