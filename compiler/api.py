@@ -101,7 +101,7 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
 
     net = build_model(source, getattr(torch, dtype_name), progress)
     t1 = time.perf_counter()
-    graphs = trace(net, BLOCK_SIZE, progress=progress)
+    graphs = trace(net, BLOCK_SIZE)
     t2 = time.perf_counter()
     if check_passes and source.weights_dir is None:
         raise ValueError("--check-passes runs the graphs and needs weights: give a checkpoint or --weights DIR")

@@ -1,6 +1,6 @@
 """Tracing: torch.export of one paged step into an aten FX graph with dynamic batch and sequence dims.
 
-Two graphs per model: "prefill" (S dynamic) and "decode" (S = 1). Both take the same inputs:
+Two graphs per model, from one export: "prefill" (S dynamic) and "decode" (S = 1). Both take the same inputs:
   input_ids [B, S] int64, positions [B, S] int64, k_cache / v_cache [L, NB, BS, Hkv, D],
   block_table [B, MB] int64, past_lens [B] int64, last_index [B] int64
 and return (logits [B, V], new_k [L, B, S, Hkv, D], new_v [L, B, S, Hkv, D]).
@@ -90,23 +90,41 @@ def example_inputs(model: Transformer, batch: int, seq: int, block_size: int, de
     )
 
 
+def specialize_decode(prefill: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The decode graph: a copy of the prefill graph with the sequence length fixed to 1.
+
+    The prefill graph is dynamic in S and exact at S = 1 (tested), so one export serves both: exporting twice
+    would double the slowest step of a compile. The copy shares the weight tensors; with S a literal 1, passes
+    and kernels can specialise decode (M = batch rows).
+    """
+    graph = torch.fx.Graph()
+    env: dict = {}
+    out = graph.graph_copy(prefill.graph, env)
+    graph.output(out)
+    gm = torch.fx.GraphModule(prefill, graph)
+    seq_inputs = {n for n in gm.graph.nodes if n.op == "placeholder" and n.target in ("input_ids", "positions")}
+    for node in list(gm.graph.nodes):
+        if node.target == torch.ops.aten.sym_size.int and node.args[0] in seq_inputs and node.args[1] == 1:
+            for user in list(node.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda a: 1 if a is node else a)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: 1 if a is node else a)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
 def trace(model: Transformer, block_size: int, progress: bool = False) -> list[Traced]:
-    """Exports the prefill and decode graphs of `model` (which may live on the meta device)."""
+    """Exports the prefill graph of `model` (which may live on the meta device) and derives the decode graph."""
     step = PagedStep(model).eval()
     # Dim.AUTO rather than named Dims: the symbolic solver cannot prove some of SDPA's contiguity guards
     # (min(a + b*MB, 3a + 3b*MB) == a + b*MB), which are true for every size; AUTO keeps the dims dynamic.
-    batch = seq = blocks = max_blocks = Dim.AUTO
+    auto = Dim.AUTO
+    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, {1: auto}, {1: auto}, {0: auto, 1: auto}, {0: auto}, {0: auto})
     device = next(model.parameters()).device
-    traced = []
-    from tqdm import tqdm
-
-    for name, s in tqdm((("prefill", 5), ("decode", 1)), desc="tracing graphs", unit="graph", disable=not progress):
-        seq_dim = seq if s > 1 else Dim.STATIC
-        shapes = ({0: batch, 1: seq_dim}, {0: batch, 1: seq_dim}, {1: blocks}, {1: blocks},
-                  {0: batch, 1: max_blocks}, {0: batch}, {0: batch})
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch's own pytree internals warn about their deprecated LeafSpec on every export; not ours to fix.
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            ep = torch.export.export(step, example_inputs(model, 2, s, block_size, device), dynamic_shapes=shapes)
-        traced.append(Traced(name, unlift(ep.run_decompositions({}))))
-    return traced
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch's own pytree internals warn about their deprecated LeafSpec on every export; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        ep = torch.export.export(step, example_inputs(model, 2, 5, block_size, device), dynamic_shapes=shapes)
+        prefill = unlift(ep.run_decompositions({}))
+    return [Traced("prefill", prefill), Traced("decode", specialize_decode(prefill))]
