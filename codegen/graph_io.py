@@ -5,7 +5,7 @@ A graph is {"inputs": [names], "nodes": [node, ...]} where a node is
    "args": [...], "kwargs": {...}, "shape": [...] | absent, "dtype": str | absent}
 Arguments encode as: JSON scalars for int/bool/str/None/finite floats; {"node": name} for a node;
 {"float": "inf" | "-inf" | "nan"}; {"tuple": [...]} for tuples (lists stay lists); {"dtype": "float32"};
-{"device": "cpu"} (remapped to the executing device on load); {"layout": ...}; {"memory_format": ...}.
+{"device": "host"} (the executing device, chosen on load); {"layout": ...}; {"memory_format": ...}.
 Call targets are op overloads ("aten.mm.default", "llmc.rms_norm.default") or a fixed set of Python operators
 on sizes ("operator.mul"); anything else is refused on load, so a graph.json can never name arbitrary code.
 """
@@ -73,7 +73,7 @@ def encode(a):
     if isinstance(a, torch.dtype):
         return {"dtype": str(a).removeprefix("torch.")}
     if isinstance(a, torch.device):
-        return {"device": a.type}
+        return {"device": "host"}  # where the graph runs is the runtime's choice; traced on cpu or meta alike
     if isinstance(a, torch.layout):
         return {"layout": str(a).removeprefix("torch.")}
     if isinstance(a, torch.memory_format):

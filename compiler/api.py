@@ -1,6 +1,7 @@
 """The compile entry: model source -> traced graphs -> pass pipeline -> bundle on disk."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,8 @@ from llmc.codegen.graph_io import graph_to_json
 from llmc.compiler import artifact, pipeline
 from llmc.compiler.source import ModelSource, resolve
 from llmc.compiler.trace import example_inputs, trace
-from llmc.models import Transformer
-from llmc.models.loader import load_checkpoint
+from llmc.models import ModelConfig, Transformer
+from llmc.models.loader import stream_weights
 from llmc.targets import get_target, resolve_dtype
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -49,9 +50,7 @@ def last_report() -> CompileReport | None:
     return _LastReport.report
 
 
-def build_model(source: ModelSource, dtype: torch.dtype, progress: bool) -> Transformer:
-    if source.weights_dir is not None:
-        return load_checkpoint(source.weights_dir, dtype=dtype, progress=progress)
+def meta_model(source: ModelSource, dtype: torch.dtype) -> Transformer:
     with torch.device("meta"):
         model = Transformer(source.config)
     return model.to(dtype).eval()
@@ -88,7 +87,6 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
             dtype: str | None = None, passes: str | list[str] | None = None, max_seq_len: int | None = None,
             check_passes: bool = False, progress: bool = False, overwrite: bool = True) -> Path:
     """Compiles MODEL (registry name, "llmc-tiny", or a checkpoint directory) for TARGET into a bundle directory."""
-    t0 = time.perf_counter()
     tgt = get_target(target)
     dtype_name = resolve_dtype(tgt, dtype)
     source = resolve(model, weights)
@@ -96,22 +94,67 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
     if max_seq_len < 1 or max_seq_len > source.config.max_position_embeddings:
         raise ValueError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
-    out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
-    report = CompileReport(source.name, tgt.name, dtype_name)
-
-    net = build_model(source, getattr(torch, dtype_name), progress)
-    t1 = time.perf_counter()
-    graphs = trace(net, BLOCK_SIZE)
-    t2 = time.perf_counter()
     if check_passes and source.weights_dir is None:
         raise ValueError("--check-passes runs the graphs and needs weights: give a checkpoint or --weights DIR")
+    out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
+    return _build(source, tgt, dtype_name, max_seq_len, names, out, check_passes, progress, overwrite)
+
+
+def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None, progress: bool = False) -> Path:
+    """Binds a checkpoint's weights to a bundle compiled without them (on any machine, no GPU needed).
+
+    Replays the bundle's recorded compile (model config, target, dtype, passes, max length) with the weights and
+    checks the graphs came out identical, so kernels built for the bundle stay valid. Writes atomically: in
+    place by default, the unbound bundle is replaced only once the bound one is complete.
+    """
+    bundle = Path(bundle)
+    manifest_file = bundle / "manifest.json"
+    if not manifest_file.is_file():
+        raise ValueError(f"{bundle} is not an llmc bundle (no manifest.json)")
+    manifest = json.loads(manifest_file.read_text())
+    recorded = ModelConfig.from_dict(manifest["model"])
+    source = resolve(weights)
+    if source.config.to_dict() | {"dtype": recorded.dtype} != recorded.to_dict():
+        raise ValueError(f"--weights {weights} holds a different model than the bundle ({manifest['model'].get('name')})")
+    source.name = manifest["model"].get("name", source.name)
+    names = list(dict.fromkeys(p["name"] for p in manifest["passes"] if p["graph"] == "prefill"))
+    old_graph = json.loads((bundle / "graph.json").read_text())
+    out = Path(out) if out else bundle
+    path = _build(source, get_target(manifest["target"]["name"]), manifest["dtype"], manifest["max_seq_len"], names,
+                  out, False, progress, True, expect_graph=old_graph)
+    return path
+
+
+def _structure(graph: dict) -> str:
+    """graph.json with node names replaced by their positions: two exports of one model may number nodes
+    differently (export's name counters), but must agree on everything else."""
+    text = json.dumps(graph, sort_keys=True)
+    for g in graph["graphs"].values():
+        for i, node in enumerate(g["nodes"]):
+            if node["op"] not in ("placeholder", "get_attr"):
+                text = text.replace(f'"{node["name"]}"', f'"#{i}"')
+    return text
+
+
+def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: list[str], out: Path, check: bool,
+           progress: bool, overwrite: bool, expect_graph: dict | None = None) -> Path:
+    t0 = time.perf_counter()
+    report = CompileReport(source.name, tgt.name, dtype_name)
+    dtype = getattr(torch, dtype_name)
+    net = meta_model(source, dtype)
+    weights = None
+    if source.weights_dir is not None:  # streamed into the graph: one copy of the weights, never two
+        weights = stream_weights(source.weights_dir, source.config, dtype, progress)
+    t1 = time.perf_counter()
+    graphs = trace(net, BLOCK_SIZE, weights)
+    samples = {t.name: check_inputs(net, t.name) for t in graphs} if check else {}
+    t2 = time.perf_counter()
     ctx = pipeline.PassContext(target=tgt, dtype=dtype_name)
     for t in graphs:
-        sample = check_inputs(net, t.name) if check_passes else None
-        report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=sample, graph_name=t.name))
+        report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=samples.get(t.name),
+                                                      graph_name=t.name))
     t3 = time.perf_counter()
 
-    tensors = collect_weights(graphs)
     manifest = {
         "llmc_version": llmc.__version__,
         "model": {"name": source.name, **source.config.to_dict()},
@@ -126,6 +169,9 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
     graph = {"inputs": [n.name for n in graphs[0].gm.graph.nodes if n.op == "placeholder"],
              "outputs": ["logits", "new_k", "new_v"],
              "graphs": {t.name: graph_to_json(t.gm) for t in graphs}}
+    if expect_graph is not None and _structure(expect_graph) != _structure(graph):
+        raise ValueError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
+    tensors = collect_weights(graphs)
     weight_stream = sorted(tensors.items()) if source.weights_dir is not None else None
     report.out = artifact.write_bundle(out, manifest, graph, weight_stream, source.tokenizer_dir,
                                        overwrite=overwrite, progress=progress)

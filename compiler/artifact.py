@@ -1,4 +1,4 @@
-"""The bundle writer: manifest.json + graph.json + weights/*.safetensors + tokenizer/, written atomically.
+"""The bundle writer: manifest.json + graph.json + weights/*.safetensors + kernels/ + tokenizer/, atomically.
 
 Everything goes into a hidden sibling of `out` (same parent, so the final rename is atomic on one file
 system); manifest.json, which holds the sha256 of every other file, is written last. A failure or a
@@ -18,9 +18,9 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 GRAPH = "graph.json"
 WEIGHTS_DIR = "weights"
 TOKENIZER_DIR = "tokenizer"
+KERNELS_DIR = "kernels"
 HASH_CHUNK = 1 << 20
 
 # Only these are copied, so that pointing tokenizer_dir at a checkpoint directory does not drag its weights in.
@@ -69,18 +70,20 @@ def toolchain_versions() -> dict:
 
 def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple[str, torch.Tensor]] | None,
                  tokenizer_dir: Path | None, overwrite: bool = False, shard_bytes: int = 2 << 30,
-                 progress: bool = False) -> Path:
+                 progress: bool = False, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Writes the bundle directory `out` and returns it.
 
     `manifest` holds the fields of format v1 except format, format_version, created and files (added here);
     llmc_version and toolchain are filled in when absent; has_weights follows `weights`. Weights are consumed
     one shard at a time; a tensor that is exactly another one already written (tied embeddings) is stored
-    once and listed under "weight_aliases" {name: stored name}.
+    once and listed under "weight_aliases" {name: stored name}. `extra_files` maps POSIX paths relative to
+    kernels/ to their bytes (codegen/triton/aot.py's kernel_files); they are hashed like every other file.
     """
     out = Path(out)
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
     _check_destination(out, overwrite)
+    _check_extra_files(extra_files or {})
     manifest = _complete_manifest(manifest, has_weights=weights is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -91,6 +94,10 @@ def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple
             aliases = _write_weights(staging / WEIGHTS_DIR, weights, shard_bytes, progress)
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), staging / TOKENIZER_DIR)
+        for relative, content in (extra_files or {}).items():
+            path = staging / KERNELS_DIR / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
         manifest["weight_aliases"] = aliases
         manifest["files"] = _hash_and_sync(staging)
         _write_json(staging / MANIFEST, manifest, indent=2)
@@ -112,6 +119,16 @@ def _check_destination(out: Path, overwrite: bool) -> None:
     if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or _is_bundle(out)):
         return
     raise BundleWriteError(f"{out} exists and is not an llmc bundle; refusing to replace it: choose another --out")
+
+
+def _check_extra_files(extra_files: Mapping[str, bytes]) -> None:
+    for relative, content in extra_files.items():
+        pure = PurePosixPath(relative)
+        # The same rule the reader applies to manifest entries: a name must stay inside kernels/.
+        if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in relative or relative.endswith("/"):
+            raise ValueError(f"extra file {relative!r} is not a relative path inside {KERNELS_DIR}/")
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise TypeError(f"extra file {relative!r} is a {type(content).__name__}, not bytes")
 
 
 def _is_bundle(path: Path) -> bool:

@@ -32,14 +32,16 @@ def eos_ids(directory: Path | None) -> list[int]:
     return []
 
 
-def resolve(model: str | Path, weights: str | Path | None = None) -> ModelSource:
+def resolve(model: str | Path, weights: str | Path | bool | None = None) -> ModelSource:
+    """weights: a checkpoint directory to bind, None for the model's own (a checkpoint directory's), or False to
+    compile from the config alone."""
     path = Path(model)
     text = str(model)
     if text.lower() == EMBEDDED_NAME:
         path = EMBEDDED_DIR
     if path.is_dir():
         config = read_config(path)
-        weights_dir = Path(weights) if weights else path
+        weights_dir = Path(weights) if weights else (None if weights is False else path)
         name = text if text.lower() == EMBEDDED_NAME else path.resolve().name
     elif "/" in text or text.startswith("."):
         raise CheckpointError(f"{text} does not exist (expected a checkpoint directory or one of: {', '.join(names())})")

@@ -8,6 +8,7 @@ and return (logits [B, V], new_k [L, B, S, Hkv, D], new_v [L, B, S, Hkv, D]).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -114,8 +115,51 @@ def specialize_decode(prefill: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def trace(model: Transformer, block_size: int, progress: bool = False) -> list[Traced]:
-    """Exports the prefill graph of `model` (which may live on the meta device) and derives the decode graph."""
+def place_on(gm: torch.fx.GraphModule, device: torch.device) -> None:
+    """Rewrites the device arguments the meta trace recorded (arange(..., device=meta)) to `device`; graph.json
+    drops them again and the runtime chooses its own."""
+    def swap(a):
+        return device if isinstance(a, torch.device) else a
+
+    for node in gm.graph.nodes:
+        node.args = torch.fx.node.map_aggregate(node.args, swap)
+        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+    gm.recompile()
+
+
+def bind_weights(gm: torch.fx.GraphModule, model: Transformer, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Replaces the graph's meta weights with real ones streamed by parameter name, then its buffers.
+
+    Tied embeddings are one attribute under whichever of the two names export kept. Raises if a weight the graph
+    reads was not supplied.
+    """
+    aliases = {"embed_tokens.weight": "lm_head.weight", "lm_head.weight": "embed_tokens.weight"}
+    for name, tensor in weights:
+        names = [name, aliases[name]] if model.config.tie_word_embeddings and name in aliases else [name]
+        for attr in map(flat_name, names):
+            if hasattr(gm, attr):  # a weight the graph never reads is dropped
+                setattr(gm, attr, tensor)
+    for name, buffer in model.real_buffers().items():
+        if hasattr(gm, flat_name(name)):
+            setattr(gm, flat_name(name), buffer)
+    unbound = [n.target for n in gm.graph.nodes if n.op == "get_attr" and getattr(gm, n.target).device.type == "meta"]
+    if unbound:
+        raise ValueError(f"no weight supplied for {unbound[0]} ({len(unbound)} in all)")
+
+
+def trace(model: Transformer, block_size: int,
+          weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> list[Traced]:
+    """Exports the prefill graph of `model` and derives the decode graph.
+
+    Tracing always runs on a meta-device copy of the model: the graphs then never depend on the build machine
+    or on whether weights are bound (a bundle bound later with `llmc bind` gets the same graphs), and tracing
+    touches no weight memory. `weights` (parameter name, tensor) are bound into the graphs afterwards.
+    """
+    if next(model.parameters()).device.type != "meta":
+        weights = weights if weights is not None else model.named_parameters()
+        dtype = next(model.parameters()).dtype
+        with torch.device("meta"):
+            model = Transformer(model.config).to(dtype)
     step = PagedStep(model).eval()
     # Dim.AUTO rather than named Dims: the symbolic solver cannot prove some of SDPA's contiguity guards
     # (min(a + b*MB, 3a + 3b*MB) == a + b*MB), which are true for every size; AUTO keeps the dims dynamic.
@@ -127,4 +171,7 @@ def trace(model: Transformer, block_size: int, progress: bool = False) -> list[T
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         ep = torch.export.export(step, example_inputs(model, 2, 5, block_size, device), dynamic_shapes=shapes)
         prefill = unlift(ep.run_decompositions({}))
+    place_on(prefill, torch.device("cpu"))
+    if weights is not None:
+        bind_weights(prefill, model, weights)
     return [Traced("prefill", prefill), Traced("decode", specialize_decode(prefill))]

@@ -6,20 +6,34 @@ import json
 import os
 import sys
 import time
+import warnings
 
 
 def _compile(a) -> None:
     import llmc
     from llmc.compiler.api import compile
 
+    if a.max_seq_len is not None and a.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be at least 1, got {a.max_seq_len}")
     t = time.perf_counter()
-    out = compile(a.model, a.target, a.output, weights=a.weights, dtype=a.dtype, passes=a.passes,
-                  max_seq_len=a.max_seq_len, check_passes=a.check_passes, progress=True)
+    weights = False if a.no_weights else a.weights
+    # Progress bars only on a terminal: in a log or a pipe their carriage returns are noise around the result.
+    out = compile(a.model, a.target, a.output, weights=weights, dtype=a.dtype, passes=a.passes,
+                  max_seq_len=a.max_seq_len, check_passes=a.check_passes, progress=sys.stderr.isatty())
     report = llmc.last_report()
     if a.explain:
         print(report.format())
     checked = " (every pass checked numerically)" if a.check_passes else ""
-    print(f"compiled {report.model} for {report.target} ({report.dtype}) -> {out} in {time.perf_counter() - t:.1f}s{checked}")
+    seconds = time.perf_counter() - t
+    print(f"compiled {report.model} for {report.target} ({report.dtype}) -> {out} in {seconds:.1f}s{checked}")
+
+
+def _bind(a) -> None:
+    from llmc.compiler.api import bind
+
+    t = time.perf_counter()
+    out = bind(a.bundle, a.weights, a.output, progress=True)
+    print(f"bound {a.weights} -> {out} in {time.perf_counter() - t:.1f}s")
 
 
 def _run(a) -> None:
@@ -29,7 +43,7 @@ def _run(a) -> None:
     engine = load(a.bundle)
     load_s = time.perf_counter() - t
     if a.token_ids:
-        prompt = [int(x) for x in a.prompt.replace(",", " ").split()]
+        prompt = parse_token_ids(a.prompt)
     else:
         prompt = engine.encode(a.prompt)
     out = engine.generate([prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
@@ -37,6 +51,15 @@ def _run(a) -> None:
     text = " ".join(map(str, out)) if a.token_ids or engine.tokenizer is None else a.prompt + engine.decode(out)
     print(text)
     print(f"[load {load_s * 1e3:.0f} ms; {engine.timing.summary()}]", file=sys.stderr)
+
+
+def parse_token_ids(text: str) -> list[int]:
+    words = text.replace(",", " ").split()
+    bad = next((w for w in words if not w.isdigit()), None)
+    if bad is not None or not words:
+        found = f"found {bad!r}" if bad is not None else "it is empty"
+        raise ValueError(f"--token-ids expects the prompt as token ids such as \"3 5 7\", but {found}")
+    return [int(w) for w in words]
 
 
 def _inspect(a) -> None:
@@ -47,17 +70,20 @@ def _inspect(a) -> None:
     if a.json:
         print(json.dumps(m, indent=2))
         return
-    cfg = m["model"]
+    # Only what open_bundle checked is certain; a hand-edited manifest may lack the rest, shown as "?".
+    cfg, target = m["model"], m["target"]
     size = sum((b.path / f).stat().st_size for f in m["files"])
+    passes = [p for p in m.get("passes") or [] if isinstance(p, dict)]
     lines = [
-        f"bundle      {b.path} (format v{m['format_version']}, llmc {m['llmc_version']}, {size / 1e6:.1f} MB)",
-        f"model       {cfg.get('name')} ({cfg['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, "
-        f"{cfg['num_heads']} heads / {cfg['num_kv_heads']} kv, vocab {cfg['vocab_size']})",
-        f"target      {m['target']['name']} ({m['target']['arch']}), dtype {m['dtype']}",
-        f"sequence    max {m['max_seq_len']} tokens, KV block {m['block_size']} tokens",
+        f"bundle      {b.path} (format v{m['format_version']}, llmc {m.get('llmc_version', '?')}, {size / 1e6:.1f} MB)",
+        f"model       {cfg.get('name', '?')} ({cfg.get('family', '?')}: {cfg.get('num_layers', '?')} layers, "
+        f"hidden {cfg.get('hidden_size', '?')}, {cfg.get('num_heads', '?')} heads / {cfg.get('num_kv_heads', '?')} kv, "
+        f"vocab {cfg.get('vocab_size', '?')})",
+        f"target      {target['name']} ({target['arch']}), dtype {m['dtype']}",
+        f"sequence    max {m.get('max_seq_len', '?')} tokens, KV block {m.get('block_size', '?')} tokens",
         f"weights     {'bound' if m['has_weights'] else 'not bound'}",
-        "passes      " + ", ".join(f"{p['graph']}:{p['name']}={p['rewrites']}" for p in m["passes"]),
-        f"toolchain   " + ", ".join(f"{k} {v}" for k, v in m["toolchain"].items()),
+        "passes      " + ", ".join(f"{p.get('graph')}:{p.get('name')}={p.get('rewrites')}" for p in passes),
+        "toolchain   " + ", ".join(f"{k} {v}" for k, v in (m.get("toolchain") or {}).items()),
     ]
     print("\n".join(lines))
 
@@ -81,14 +107,22 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into a bundle")
     c.add_argument("model", help="registry name (llmc-tiny, qwen3-8b, ...) or a Hugging Face checkpoint directory")
     c.add_argument("--target", required=True, help="cpu, t4, a10, rtx3090, a100, l4, rtx4090, h100, h200")
-    c.add_argument("-o", "--output", help="bundle directory to write (default MODEL-TARGET.llmc)")
+    c.add_argument("-o", "--output", "--out", dest="output",
+                   help="bundle directory to write (default MODEL-TARGET.llmc)")
     c.add_argument("--weights", help="checkpoint directory whose weights to bind now")
+    c.add_argument("--no-weights", action="store_true",
+                   help="compile from config.json alone; bind weights later with llmc bind")
     c.add_argument("--dtype", help="float32, bfloat16, float16 (default: the target's)")
-    c.add_argument("--passes", help="comma list of passes to run, or -name to drop one from the default list")
+    c.add_argument("--passes", help="comma list of passes to run, or -name,-other to drop some from the default list")
     c.add_argument("--max-seq-len", type=int, help="longest prompt + generation the bundle serves")
     c.add_argument("--explain", action="store_true", help="print what each pass did")
     c.add_argument("--check-passes", action="store_true", help="run sample inputs after every pass and compare")
     c.set_defaults(fn=_compile)
+    b = sub.add_parser("bind", help="bind a checkpoint's weights to a bundle compiled without them")
+    b.add_argument("bundle")
+    b.add_argument("--weights", required=True, help="checkpoint directory")
+    b.add_argument("-o", "--output", help="write the bound bundle here (default: replace BUNDLE)")
+    b.set_defaults(fn=_bind)
     r = sub.add_parser("run", help="load a bundle and generate")
     r.add_argument("bundle")
     r.add_argument("--prompt", required=True)
@@ -111,15 +145,48 @@ def parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a user can cause; anything else is a bug and keeps its traceback."""
+    """Exceptions a user can cause; anything else is a bug and keeps its traceback.
+
+    OSError: paths, permissions, a full disk. SafetensorError: a truncated or corrupt weights file. KeyError:
+    a registry lookup, or a JSON file of the user's lacking a key (LLMC_DEBUG=1 shows where).
+    """
+    from safetensors import SafetensorError
+
     from llmc.runtime.bundle import BundleError
     from llmc.runtime.kv_cache import CacheFullError
 
-    return (ValueError, KeyError, BundleError, CacheFullError, FileNotFoundError, FileExistsError, PermissionError)
+    return (ValueError, KeyError, BundleError, CacheFullError, OSError, SafetensorError)
+
+
+def describe_error(error: BaseException) -> str:
+    from safetensors import SafetensorError
+
+    if isinstance(error, SafetensorError):  # its message names neither the file nor a remedy
+        return f"a weights file is not valid safetensors ({error}); re-download or re-export the checkpoint"
+    if isinstance(error, KeyError) and error.args:  # str() of a KeyError is the repr of its key
+        return str(error.args[0])
+    return str(error)
+
+
+def join_option_values(argv: list[str]) -> list[str]:
+    """`--passes -fold_rope` as `--passes=-fold_rope`: argparse reads a value that starts with "-" as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--passes" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"--passes={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(join_option_values(sys.argv[1:] if argv is None else list(argv)))
+    # torch.export's run_decompositions deep-copies pytree specs and trips torch's own LeafSpec deprecation:
+    # noise a user can do nothing about, eight times per compile.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     if os.environ.get("LLMC_DEBUG"):  # developers: full tracebacks
         args.fn(args)
         return 0
@@ -129,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print("llmc: interrupted", file=sys.stderr)
         return 130
     except user_errors() as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"llmc: error: {message}", file=sys.stderr)
+        print(f"llmc: error: {describe_error(e)}", file=sys.stderr)
         return 1
     return 0
 

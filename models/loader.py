@@ -76,20 +76,20 @@ def hf_name(our: str) -> str:
     return our if our == "lm_head.weight" else f"model.{our}"
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    progress: bool = False) -> Transformer:
-    """Builds the model of a checkpoint directory with its weights, cast to `dtype`."""
+def stream_weights(path: str | Path, cfg: ModelConfig, dtype: torch.dtype,
+                   progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our parameter name, tensor cast to dtype) for every weight of the checkpoint, one tensor at a time.
+
+    Names are checked from the file headers before the first tensor is read: rotary inv_freq, saved by old
+    exporters, is recomputed from the config; any other unknown tensor means config.json does not describe these
+    weights (more layers, MLP bias, another architecture): refuse, never skip. A tied checkpoint yields only
+    embed_tokens.weight.
+    """
     path = Path(path)
-    cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    # Cast while on meta: materializing in float32 first would double the peak memory of a bf16 load.
-    model.to(dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     wanted = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
-    # Names are checked from the file headers before a byte of memory is allocated for the model. Rotary inv_freq,
-    # saved by old exporters, is recomputed from the config; any other unknown tensor means config.json does not
-    # describe these weights (more layers, MLP bias, another architecture): refuse, never skip.
     names = [n for n in tensor_names(path) if not n.endswith(".rotary_emb.inv_freq")]
     unexpected = [n for n in names if our_name(n) not in params]
     if unexpected:
@@ -98,20 +98,36 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     missing = sorted(wanted - {our_name(n) for n in names})
     if missing:
         raise CheckpointError(f"{path}: missing tensor {hf_name(missing[0])} ({len(missing)} in all)")
+    from tqdm import tqdm  # imported here: only the loader's progress needs it
+
+    def stream():  # a nested generator, so that the checks above run at the call, not at the first next()
+        tensors = iter_tensors(path, lambda n: our_name(n) in params)
+        for stored_name, tensor in tqdm(tensors, total=len(names), desc="loading weights", unit="tensor",
+                                        disable=not progress):
+            name = our_name(stored_name)
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise CheckpointError(f"{path}: tensor {stored_name} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(params[name].shape)}")
+            yield name, tensor.to(dtype)
+
+    return stream()
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    progress: bool = False) -> Transformer:
+    """Builds the model of a checkpoint directory with its weights, cast to `dtype`."""
+    cfg = read_config(path)
+    stream = stream_weights(path, cfg, dtype, progress)  # checks every name before model memory is allocated
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    # Cast while on meta: materializing in float32 first would double the peak memory of a bf16 load.
+    model.to(dtype)
     model.to_empty(device=device)
     model.tie_weights()
     model.init_rope()
     params = dict(model.named_parameters(remove_duplicate=False))
-    from tqdm import tqdm  # imported here: only the loader's progress needs it
-
-    stream = iter_tensors(path, lambda n: our_name(n) in params)
-    total = len(names)
-    for stored_name, tensor in tqdm(stream, total=total, desc="loading weights", unit="tensor", disable=not progress):
-        name = our_name(stored_name)
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise CheckpointError(f"{path}: tensor {stored_name} has shape {tuple(tensor.shape)}, "
-                                  f"expected {tuple(params[name].shape)}")
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, tensor in stream:
             params[name].copy_(tensor)
     return model.eval()
 

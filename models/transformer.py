@@ -160,6 +160,12 @@ class Transformer(nn.Module):
         if self.inv_freq.device.type != "meta":
             self.inv_freq = inv_freq.to(self.inv_freq.device)
 
+    def real_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers' values on the CPU, computed from the config (for a model that lives on the meta device)."""
+        cfg = self.config
+        inv_freq, _ = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        return {"inv_freq": inv_freq}
+
     def _apply(self, fn, recurse=True):
         # nn.Module.to(bfloat16) casts buffers too; bf16 RoPE frequencies put the rotation off by whole radians at
         # long positions. They stay float32 (as transformers' from_pretrained keeps them), recomputed from config.

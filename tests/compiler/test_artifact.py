@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from llmc.compiler.artifact import BundleWriteError, sha256_file, write_bundle
 from llmc.models import ModelConfig
-from llmc.runtime.bundle import HostInfo, open_bundle
+from llmc.runtime.bundle import BundleError, HostInfo, open_bundle
 from llmc.targets import get_target
 
 CPU_HOST = HostInfo("cpu", None, "cpu")
@@ -122,6 +122,33 @@ def test_bundle_without_weights_or_tokenizer(tmp_path):
     bundle = open_bundle(out, host=HostInfo("cuda", (9, 0), "NVIDIA H100"))
     assert not bundle.has_weights and bundle.tokenizer_dir is None
     assert sorted(bundle.manifest["files"]) == ["graph.json"]
+
+
+def test_extra_files_land_under_kernels_and_are_hashed(tmp_path):
+    cubin = b"\x7fELF" + torch.randint(0, 256, (64,), dtype=torch.uint8).numpy().tobytes()
+    extra = {"sm_80/abc.cubin": cubin, "index.json": b'{"kernels": {}}', "src/abc.py": b"import triton\n"}
+    out = write_bundle(tmp_path / "b", manifest_for("a100", "bfloat16"), {"nodes": []}, None, None,
+                       extra_files=extra)
+    bundle = open_bundle(out, host=HostInfo("cuda", (8, 0), "NVIDIA A100"))
+    assert sorted(bundle.manifest["files"]) == sorted(["graph.json", *(f"kernels/{name}" for name in extra)])
+    assert (out / "kernels/sm_80/abc.cubin").read_bytes() == cubin
+    assert bundle.manifest["files"]["kernels/sm_80/abc.cubin"] == sha256_file(out / "kernels/sm_80/abc.cubin")
+
+    (out / "kernels/sm_80/abc.cubin").write_bytes(cubin[:-1] + bytes([cubin[-1] ^ 1]))
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        open_bundle(out, host=HostInfo("cuda", (8, 0), "NVIDIA A100"))
+
+
+@pytest.mark.parametrize("name", ["../escape.py", "/abs.cubin", "", ".", "a\\b", "dir/"])
+def test_extra_files_must_stay_inside_kernels(tmp_path, name):
+    with pytest.raises(ValueError, match="not a relative path inside kernels/"):
+        write_bundle(tmp_path / "b", manifest_for(), {"nodes": []}, None, None, extra_files={name: b"x"})
+    assert not (tmp_path / "b").exists() and not (tmp_path / "escape.py").exists()
+
+
+def test_extra_files_must_be_bytes(tmp_path):
+    with pytest.raises(TypeError, match="not bytes"):
+        write_bundle(tmp_path / "b", manifest_for(), {"nodes": []}, None, None, extra_files={"index.json": "{}"})
 
 
 class Interrupted(RuntimeError):
