@@ -90,13 +90,15 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
     tgt = get_target(target)
     dtype_name = resolve_dtype(tgt, dtype)
     source = resolve(model, weights)
-    max_seq_len = max_seq_len or min(source.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if max_seq_len is None:
+        max_seq_len = min(source.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     if max_seq_len < 1 or max_seq_len > source.config.max_position_embeddings:
         raise ValueError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
     if check_passes and source.weights_dir is None:
         raise ValueError("--check-passes runs the graphs and needs weights: give a checkpoint or --weights DIR")
     out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
+    artifact.check_destination(out, overwrite)
     return _build(source, tgt, dtype_name, max_seq_len, names, out, check_passes, progress, overwrite)
 
 

@@ -82,7 +82,7 @@ def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple
     out = Path(out)
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite)
     _check_extra_files(extra_files or {})
     manifest = _complete_manifest(manifest, has_weights=weights is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +110,8 @@ def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple
     return out
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuses an output path write_bundle would refuse; compile calls it before the slow steps."""
     if not out.exists() and not out.is_symlink():
         return
     if not overwrite:

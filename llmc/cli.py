@@ -49,7 +49,7 @@ def _run(a) -> None:
     out = engine.generate([prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                           seed=a.seed)[0]
     text = " ".join(map(str, out)) if a.token_ids or engine.tokenizer is None else a.prompt + engine.decode(out)
-    print(text)
+    print(text, flush=True)
     print(f"[load {load_s * 1e3:.0f} ms; {engine.timing.summary()}]", file=sys.stderr)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .transformer import Transformer
@@ -32,14 +32,19 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not a checkpoint directory: no config.json")
     try:
         return ModelConfig.from_hf(json.loads(cfg_file.read_text()))
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_file}: missing field {e.args[0]!r}") from None
+    except (json.JSONDecodeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map)") from None
         files = [path / s for s in shards]
     else:
         files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(path.glob("*.safetensors"))
@@ -54,15 +59,22 @@ def weight_files(path: Path) -> list[Path]:
 def tensor_names(path: Path) -> list[str]:
     names = []
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
+        with _open(file) as f:
             names.extend(f.keys())
     return names
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is not a valid safetensors file ({e}); re-download or re-export it") from None
 
 
 def iter_tensors(path: Path, wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every wanted tensor, read one at a time from the memory-mapped files."""
     for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
+        with _open(file) as f:
             for name in f.keys():
                 if wanted(name):
                     yield name, f.get_tensor(name)

@@ -130,6 +130,17 @@ class Engine:
             s.cached += n
         return logits
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Runs each graph once on one token, writing nothing to the cache, so first-call costs (lazy imports,
+        kernel and allocator set-up) land in load time, not in the first request's time to first token."""
+        dev = self.device
+        one = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        table = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        zero = torch.zeros(1, dtype=torch.long, device=dev)
+        for graph in self.graphs.values():
+            graph(one, one, self.cache.k, self.cache.v, table, zero, zero)
+
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
             raise ValueError("this bundle has no tokenizer; pass token ids instead of text")
@@ -159,4 +170,6 @@ def load(path: str | Path, device: str | None = None, kv_cache_tokens: int | Non
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
-    return Engine(bundle, dev, cache, graphs, max_batch, tokenizer)
+    engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer)
+    engine.warm_up()
+    return engine
