@@ -26,7 +26,9 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +217,17 @@ def compile_kernel(spec: KernelSpec, arch: str, keep_ptx: bool = False) -> Compi
         ptx=compiled.asm.get("ptx") if keep_ptx else None, seconds=time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def _compiler_env():
+    """The environment spawned compile workers inherit: never the interpreter."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def compile_all(specs, archs, keep_ptx: bool = False, workers: int | None = None) -> AOTResult:
     """Compiles each distinct spec once per arch. Duplicates (or `launches` > 1) add to the launch count of
     the one compiled kernel they share."""
@@ -234,7 +247,10 @@ def compile_all(specs, archs, keep_ptx: bool = False, workers: int | None = None
             entry.ops.append(spec.op)
     tasks = [(key, arch) for key in kernels for arch in archs]
     workers = workers or min(len(tasks), os.cpu_count() or 1) or 1
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmc-aot") as pool:
+    # Worker processes, not threads: triton decides once per process whether @triton.jit interprets or compiles,
+    # so a process that ran kernels under TRITON_INTERPRET=1 (the CPU tests) cannot build cubins; spawned workers
+    # start clean, and ptxas and the LLVM passes run on every core.
+    with _compiler_env(), ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
         futures = {task: pool.submit(compile_kernel, kernels[task[0]].spec, task[1], keep_ptx) for task in tasks}
         for (key, arch), future in futures.items():
             kernels[key].artifacts[arch] = future.result()
