@@ -56,15 +56,16 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> Transformer:
     return model.to(dtype).eval()
 
 
-def check_inputs(model: Transformer, name: str, seed: int = 0) -> tuple:
-    """Random tokens over a partly filled random cache: what --check-passes feeds every graph."""
+def check_inputs(model: Transformer, name: str, max_seq_len: int, seed: int = 0) -> tuple:
+    """Random tokens over a partly filled random cache: what --check-passes feeds every graph. Positions stay
+    below max_seq_len, the length the RoPE tables are folded for."""
     g = torch.Generator().manual_seed(seed)
-    seq = 7 if name == "prefill" else 1
+    seq = min(7 if name == "prefill" else 1, max_seq_len)
     ids, pos, k, v, table, past, last = example_inputs(model, 3, seq, BLOCK_SIZE)
     ids = torch.randint(0, model.config.vocab_size, ids.shape, generator=g)
     k, v = torch.randn(k.shape, generator=g).to(k.dtype), torch.randn(v.shape, generator=g).to(v.dtype)
     table = torch.randperm(k.shape[1], generator=g)[: table.numel()].view(table.shape)
-    past = torch.randint(0, table.shape[1] * BLOCK_SIZE, past.shape, generator=g)
+    past = torch.randint(0, min(table.shape[1] * BLOCK_SIZE, max_seq_len - seq + 1), past.shape, generator=g)
     pos = past[:, None] + torch.arange(seq)
     return ids, pos, k, v, table, past, last
 
@@ -149,9 +150,9 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         weights = stream_weights(source.weights_dir, source.config, dtype, progress)
     t1 = time.perf_counter()
     graphs = trace(net, BLOCK_SIZE, weights)
-    samples = {t.name: check_inputs(net, t.name) for t in graphs} if check else {}
+    samples = {t.name: check_inputs(net, t.name, max_seq_len) for t in graphs} if check else {}
     t2 = time.perf_counter()
-    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name)
+    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len)
     for t in graphs:
         report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=samples.get(t.name),
                                                       graph_name=t.name))

@@ -13,13 +13,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import _pytree as pytree
 
-from llmc.passes import fuse_rms_norm, strip_asserts
+from llmc.passes import (fold_constants, fold_rope, fuse_add_norm, fuse_norm_linear, fuse_rms_norm,
+                         merge_projections, strip_asserts)
 from llmc.passes.pattern import PassContext  # noqa: F401  (re-exported: callers build it from here)
 
 # (phase, name, run(gm, ctx) -> rewrites), in the order they run.
+# Later passes match llmc.rms_norm nodes, so fuse_rms_norm runs first; fold_rope absorbs the per-head q/k norms
+# before fuse_add_norm / fuse_norm_linear claim the norms that feed GEMMs.
 PASSES = [
     ("cleanup", "strip_asserts", strip_asserts.run),
-    ("fusion", "fuse_rms_norm", fuse_rms_norm.run),
+    ("canonicalize", "fuse_rms_norm", fuse_rms_norm.run),
+    ("fold", "fold_rope", fold_rope.run),
+    ("fold", "fold_constants", fold_constants.run),
+    ("fusion", "merge_projections", merge_projections.run),
+    ("fusion", "fuse_add_norm", fuse_add_norm.run),
+    ("fusion", "fuse_norm_linear", fuse_norm_linear.run),
 ]
 
 # (rtol, atol) by output dtype, from DESIGN.md: float32 allows for passes that change summation order.

@@ -40,6 +40,7 @@ class PassContext:
 
     target: Any = None
     dtype: torch.dtype | None = None  # a name ("bfloat16") is accepted and turned into the torch.dtype
+    max_seq_len: int | None = None  # the bundle's longest sequence: the length of tables folded at compile time
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -199,11 +200,17 @@ def replace_all(gm: GraphModule, pattern: Pattern, build_replacement: Callable[[
 
     The replaced nodes are erased at once, so a later pattern never matches their remains.
     """
+    return replace_matches(gm, pattern.name, pattern.find(gm.graph), build_replacement)
+
+
+def replace_matches(gm: GraphModule, name: str, matches: Sequence[Match],
+                    build_replacement: Callable[[Match], Node | Sequence[Node]]) -> int:
+    """`replace_all` for matches a pass found and filtered itself (by work it does once for many matches)."""
     graph = gm.graph
     mode = _fake_mode(graph)
     replaced: dict[Node, Node] = {}
     count = 0
-    for match in pattern.find(graph):
+    for match in matches:
         match.inputs = {k: replaced.get(v, v) for k, v in match.inputs.items()}
         last = match.nodes[-1]  # a single output is the last node; its users all follow it
         if len(match.outputs) > 1:
@@ -215,11 +222,11 @@ def replace_all(gm: GraphModule, pattern: Pattern, build_replacement: Callable[[
             new = build_replacement(match)
         new_outputs = [new] if isinstance(new, Node) else list(new)
         if len(new_outputs) != len(match.outputs):
-            raise RuntimeError(f"pattern {pattern.name}: replacement gives {len(new_outputs)} outputs, "
+            raise RuntimeError(f"pattern {name}: replacement gives {len(new_outputs)} outputs, "
                                f"the pattern {len(match.outputs)}")
         for old, fresh in zip(match.outputs, new_outputs):
             _fill_meta(gm, fresh, mode)
-            _check_same_type(pattern.name, old, fresh)
+            _check_same_type(name, old, fresh)
             for key in ("stack_trace", "nn_module_stack"):
                 if key in old.meta:
                     fresh.meta.setdefault(key, old.meta[key])
