@@ -79,7 +79,7 @@ def _build(source: str, family: str, dtype: torch.dtype):
 
 def _inputs(source: str, model, name: str) -> tuple:
     if source == "llmc":
-        return check_inputs(model, name, seed=random.randrange(2**31))
+        return check_inputs(model, name, model.config.max_position_embeddings, seed=random.randrange(2**31))
     return (torch.randint(0, SHAPE["vocab_size"], (3, 9)),)  # sizes the export did not see
 
 
