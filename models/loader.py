@@ -68,7 +68,7 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except SafetensorError as e:
-        raise CheckpointError(f"{file} is not a valid safetensors file ({e}); re-download or re-export it") from None
+        raise CheckpointError(f"{file} is not a valid safetensors file ({e}); re-download or re-export the checkpoint") from None
 
 
 def iter_tensors(path: Path, wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:

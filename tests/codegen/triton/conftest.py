@@ -130,9 +130,23 @@ def check_norm_linear():
             torch.testing.assert_close(out, reference, rtol=rtol, atol=atol)
             return
         torch.testing.assert_close(out, kernel_arithmetic(x, weight, bias, eps, norm, epilogue), rtol=rtol, atol=atol)
-        exact = exact_norm_linear(x, weight, bias, eps, norm, epilogue)
-        kernel_error = (out.double() - exact).pow(2).mean().sqrt()
-        reference_error = (reference.double() - exact).pow(2).mean().sqrt()
-        assert kernel_error <= reference_error, f"kernel rms error {kernel_error:.3g} > reference's {reference_error:.3g}"
 
     return check
+
+
+@pytest.fixture
+def rms_errors():
+    return _rms_errors
+
+
+def _rms_errors(out, x, weight, bias, eps, norm, epilogue) -> tuple[float, float]:
+    """(kernel's, reference's) RMS error against a float64 computation. Only meaningful over many outputs: on a
+    few dozen the two differ by sampling noise alone (test_norm_linear's accuracy test uses ~16K)."""
+    from llmc.codegen import ops
+
+    x, weight, out = x.cpu(), weight.cpu(), out.cpu()
+    bias = bias.cpu() if bias is not None else None
+    exact = exact_norm_linear(x, weight, bias, eps, norm, epilogue)
+    reference = ops.norm_linear(x, weight, bias, eps, norm, epilogue)
+    return ((out.double() - exact).pow(2).mean().sqrt().item(),
+            (reference.double() - exact).pow(2).mean().sqrt().item())
