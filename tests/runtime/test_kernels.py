@@ -4,6 +4,8 @@ Triton compilation, and the JIT fallback."""
 import json
 import os
 import struct
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -224,24 +226,39 @@ def test_cubin_loads_into_triton_without_compiling(kernels_dir):
     assert ("CUdeviceptr arg0, CUdeviceptr arg1, CUdeviceptr arg2, int32_t arg3, uint32_t arg4)" in launcher)
 
 
-def test_counter_counts_compilations_and_chains(kernel_source, tmp_path, monkeypatch):
-    from triton import knobs
+COUNTER_SCRIPT = """
+import json, sys
+from pathlib import Path
+from triton import knobs
+from llmc.codegen.triton.aot import KernelSpec, compile_kernel
+from llmc.runtime.kernels import CompilationCounter
 
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-    outer = []
-    previous = knobs.compilation.listener
-    knobs.compilation.listener = lambda **event: outer.append(event["cache_hit"])
-    try:
-        with CompilationCounter() as counter:
-            compile_kernel(spec_for(kernel_source, block=64), "sm_86")
-            compile_kernel(spec_for(kernel_source, block=64), "sm_86")  # triton's disk cache answers
-        assert (counter.compiled, counter.cache_hits) == (1, 1)
-        assert counter.names == ["scaled_add", "scaled_add"]
-        assert outer == [False, True]
-        compile_kernel(spec_for(kernel_source, block=32), "sm_86")
-        assert counter.compiled == 1 and outer == [False, True, False]
-    finally:
-        knobs.compilation.listener = previous
+source, signature = Path(sys.argv[1]), json.loads(sys.argv[2])
+
+def spec(block):
+    return KernelSpec(source, "scaled_add", signature, {"BLOCK": block}, aligned=("x_ptr", "y_ptr", "out_ptr"))
+
+outer = []
+knobs.compilation.listener = lambda **event: outer.append(event["cache_hit"])
+with CompilationCounter() as counter:
+    compile_kernel(spec(64), "sm_86")
+    compile_kernel(spec(64), "sm_86")  # triton's disk cache answers
+    inside = [counter.compiled, counter.cache_hits, counter.names, list(outer)]
+compile_kernel(spec(32), "sm_86")
+print(json.dumps({"inside": inside, "after": counter.compiled, "outer": outer}))
+"""
+
+
+def test_counter_counts_compilations_and_chains(kernel_source, tmp_path):
+    # A fresh process: triton fixes per process whether @triton.jit interprets or compiles, and the kernel tests
+    # run the interpreter in this one.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", COUNTER_SCRIPT, str(kernel_source), json.dumps(SIGNATURE)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["inside"] == [1, 1, ["scaled_add", "scaled_add"], [False, True]]
+    assert result["after"] == 1 and result["outer"] == [False, True, False]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
