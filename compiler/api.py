@@ -11,6 +11,7 @@ import torch
 import llmc
 from llmc.codegen.graph_io import graph_to_json
 from llmc.compiler import artifact, pipeline
+from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
 from llmc.compiler.trace import example_inputs, trace
 from llmc.models import ModelConfig, Transformer
@@ -29,15 +30,17 @@ class CompileReport:
     out: Path | None = None
     pipelines: list = field(default_factory=list)  # one PipelineReport per graph
     seconds: dict = field(default_factory=dict)
+    kernels: dict | None = None  # the AOT kernel report (compiler/kernels.py) for GPU targets
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "dtype": self.dtype, "out": str(self.out),
-                "graphs": [p.to_dict() for p in self.pipelines], "seconds": self.seconds}
+                "graphs": [p.to_dict() for p in self.pipelines], "kernels": self.kernels, "seconds": self.seconds}
 
     def format(self) -> str:
         head = f"{self.model} -> {self.target} ({self.dtype}): {self.out}"
         times = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
-        return "\n\n".join([head, *(p.format() for p in self.pipelines), f"time: {times}"])
+        kernels = [KernelBuild(files={}, report=self.kernels).format()] if self.kernels else []
+        return "\n\n".join([head, *(p.format() for p in self.pipelines), *kernels, f"time: {times}"])
 
 
 class _LastReport:
@@ -157,6 +160,9 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=samples.get(t.name),
                                                       graph_name=t.name))
     t3 = time.perf_counter()
+    kernels = aot_for_target(graphs, tgt)
+    report.kernels = kernels.report if kernels else None
+    t_kernels = time.perf_counter()
 
     manifest = {
         "llmc_version": llmc.__version__,
@@ -168,6 +174,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         "has_weights": source.weights_dir is not None,
         "eos_token_ids": source.eos_token_ids,
         "passes": [{"graph": p.graph, **r} for p in report.pipelines for r in p.to_dict()["records"]],
+        **({"kernels": kernels.report} if kernels else {}),
     }
     graph = {"inputs": [n.name for n in graphs[0].gm.graph.nodes if n.op == "placeholder"],
              "outputs": ["logits", "new_k", "new_v"],
@@ -177,8 +184,10 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     tensors = collect_weights(graphs)
     weight_stream = sorted(tensors.items()) if source.weights_dir is not None else None
     report.out = artifact.write_bundle(out, manifest, graph, weight_stream, source.tokenizer_dir,
-                                       overwrite=overwrite, progress=progress)
+                                       overwrite=overwrite, progress=progress,
+                                       extra_files=kernels.files if kernels else None)
     t4 = time.perf_counter()
-    report.seconds = {"load": t1 - t0, "trace": t2 - t1, "passes": t3 - t2, "write": t4 - t3, "total": t4 - t0}
+    report.seconds = {"load": t1 - t0, "trace": t2 - t1, "passes": t3 - t2, "kernels": t_kernels - t3,
+                      "write": t4 - t_kernels, "total": t4 - t0}
     _LastReport.report = report
     return report.out

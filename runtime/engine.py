@@ -152,12 +152,27 @@ class Engine:
         return self.tokenizer.encode(text).ids
 
 
+def _use_shipped_kernels(kernels_dir: Path) -> None:
+    """On CUDA the llmc ops run their Triton launchers, which launch the bundle's cubins (no Triton compilation)
+    where it ships them for this GPU; what it lacks, they JIT-compile."""
+    from llmc.codegen.triton import launch
+    from llmc.runtime.kernels import KernelLibrary
+
+    launch.register_cuda_impls()
+    library = KernelLibrary(kernels_dir) if (kernels_dir / "index.json").is_file() else None
+    if library is not None:
+        library.load_all()
+    launch.use_library(library)
+
+
 def load(path: str | Path, device: str | None = None, kv_cache_tokens: int | None = None, max_batch: int = 32) -> Engine:
     """Opens and verifies a bundle, loads its weights and graphs, and allocates the KV cache."""
     bundle = open_bundle(path)
     if not bundle.has_weights:
         raise BundleError(f"{path} was compiled without weights; bind a checkpoint first (llmc compile ... --weights DIR)")
     dev = torch.device(device or ("cuda" if bundle.target.get("arch", "cpu") != "cpu" else "cpu"))
+    if dev.type == "cuda":
+        _use_shipped_kernels(bundle.path / "kernels")
     weights = bundle.load_weights(dev)
     graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
     cfg, block_size = bundle.config, bundle.manifest["block_size"]

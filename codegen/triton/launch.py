@@ -7,21 +7,62 @@ before the kernel runs, so an element a kernel fails to write shows up; producti
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 from triton import knobs
 
 from llmc.codegen import ops
-from llmc.codegen.triton import configs
+from llmc.codegen.triton import configs, render
 from llmc.codegen.triton.configs import Config
-from llmc.codegen.triton.render import load
+from llmc.codegen.triton.record import KernelRecorder, LibraryKernel, ShippedKernels
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+class _Hooks:
+    """What `load()` hands the launchers instead of the JIT kernel (record.py): a recorder while planning, the
+    bundle's shipped kernels on a GPU host serving it."""
+
+    recorder: KernelRecorder | None = None
+    shipped: ShippedKernels | None = None
+
+
+@contextlib.contextmanager
+def recording(arch: str):
+    """Launchers called inside launch nothing: each launch appends its KernelSpec to the yielded recorder's
+    `specs`, with `arch`'s block configurations. Tensors may be on the meta device."""
+    if arch not in configs.ARCHS or arch == "interpret":
+        raise ValueError(f"no kernel configurations for arch {arch!r}; known: {', '.join(configs.ARCHS[:-1])}")
+    previous, _Hooks.recorder = _Hooks.recorder, KernelRecorder(arch)
+    try:
+        yield _Hooks.recorder
+    finally:
+        _Hooks.recorder = previous
+
+
+def use_library(library) -> None:
+    """From now on compiled launches take the cubin `library` (runtime/kernels.py KernelLibrary) holds for their
+    spec, and JIT-compile only what it lacks; None: JIT only."""
+    _Hooks.shipped = ShippedKernels(library) if library is not None else None
+
+
+def load(op: str, **spec):
+    """The kernel `op`'s launcher launches: render.load's JIT kernel, unless a hook above replaces it."""
+    if _Hooks.recorder is not None:
+        return _Hooks.recorder.kernel(op, spec)
+    kernel = render.load(op, **spec)
+    if _Hooks.shipped is not None and not knobs.runtime.interpret:
+        return LibraryKernel(_Hooks.shipped, op, spec, kernel)
+    return kernel
+
+
 def current_arch(device: torch.device) -> str:
-    """The config table's arch for `device`: "interpret" under TRITON_INTERPRET, else sm_XY, an arch newer than
-    the table's newest using the newest entry."""
+    """The config table's arch for `device`: the recorded target's while recording, "interpret" under
+    TRITON_INTERPRET, else sm_XY, an arch newer than the table's newest using the newest entry."""
+    if _Hooks.recorder is not None:
+        return _Hooks.recorder.arch
     if knobs.runtime.interpret:
         return "interpret"
     if device.type != "cuda":

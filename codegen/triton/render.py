@@ -80,6 +80,15 @@ def _write_once(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def source_file(op: str, **spec) -> tuple[Path, str]:
+    """(path, kernel_name) of `op`'s source rendered for `spec`, written to the cache dir (once per content):
+    what the AOT compiler and the shipped-kernel lookup read, without importing the kernel."""
+    source, name = render(op, **spec)
+    path = cache_dir() / f"{name}.py"
+    _write_once(path, source)
+    return path, name
+
+
 @functools.lru_cache(maxsize=None)
 def _load(op: str, spec_items: tuple, interpret: bool, directory: str):
     source, name = render(op, **dict(spec_items))
