@@ -85,6 +85,12 @@ def _inspect(a) -> None:
         "passes      " + ", ".join(f"{p.get('graph')}:{p.get('name')}={p.get('rewrites')}" for p in passes),
         "toolchain   " + ", ".join(f"{k} {v}" for k, v in (m.get("toolchain") or {}).items()),
     ]
+    kernels = m.get("kernels")
+    if isinstance(kernels, dict):
+        per_step = kernels.get("launches_per_step") or {}
+        lines.append(f"kernels     {kernels.get('kernels_compiled', '?')} compiled for "
+                     f"{', '.join(kernels.get('archs') or ['?'])} ({kernels.get('distinct_kernels', '?')} distinct), "
+                     "serving " + ", ".join(f"{graph} {n}" for graph, n in per_step.items()) + " launches per step")
     print("\n".join(lines))
 
 
@@ -93,6 +99,18 @@ def _verify(a) -> None:
 
     verify_bundle(a.bundle)
     print(f"{a.bundle}: ok (format, every file's sha256)")
+
+
+def _bench(a) -> None:
+    from llmc.compiler.bench import run_bench
+    from llmc.compiler.bench_report import markdown, write_results
+
+    report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
+                       target=a.target, dtype=a.dtype, progress=True)
+    out = a.out or os.path.join("bench", "results", report["device_slug"])
+    written = write_results(report, out)
+    print(markdown(report))
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _targets(a) -> None:
@@ -139,6 +157,16 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's format and hashes")
     v.add_argument("bundle")
     v.set_defaults(fn=_verify)
+    bn = sub.add_parser("bench", help="measure llmc against transformers eager and torch.compile")
+    bn.add_argument("model", help="llmc-tiny, a registry name (random weights) or a checkpoint directory")
+    bn.add_argument("--quick", action="store_true", help="one short prompt, batch 1, a few tokens (CI)")
+    bn.add_argument("--out", help="results directory (default bench/results/<device>)")
+    bn.add_argument("--lengths", type=int, nargs="+", help="prompt lengths for time to first token")
+    bn.add_argument("--batches", type=int, nargs="+", help="batch sizes for decode")
+    bn.add_argument("--device", default="cpu", help="cpu or cuda")
+    bn.add_argument("--target", help="llmc target (default: the host's)")
+    bn.add_argument("--dtype", help="float32, bfloat16, float16 (default: the target's)")
+    bn.set_defaults(fn=_bench)
     t = sub.add_parser("targets", help="list compile targets")
     t.set_defaults(fn=_targets)
     return p

@@ -1,0 +1,193 @@
+"""Measurement helpers for `llmc bench`: timing loops, peak memory, device probes and the floors.
+
+Only the runtime's needs (torch, the standard library): an inference host can measure a bundle without the
+compiler. The floors are the time no implementation can beat on the measured device:
+
+- prefill: FLOPs of the prompt / measured matmul rate. FLOPs count every matmul weight once per prompt token,
+  the LM head once per sequence (only the last position's logits are needed), and causal attention
+  (QK^T and PV over the lower triangle: 2 * S^2 * head_dim FLOP per head and layer).
+- decode: bytes one step must read (every matmul weight once, plus each sequence's cached keys and values)
+  / measured copy bandwidth. The embedding table is not counted: a step reads one row of it per token.
+"""
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu", warmup: int = 1,
+              repeat: int = 3) -> dict:
+    """Median wall time of fn() over `repeat` runs after `warmup` untimed ones (seconds)."""
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "samples_s": samples}
+
+
+def median_of(measure: Callable[[], float], warmup: int = 1, repeat: int = 3) -> float:
+    """Median of what measure() returns (a time it took itself) over `repeat` calls after `warmup` ones."""
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    for _ in range(warmup):
+        measure()
+    return statistics.median(measure() for _ in range(repeat))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory over a `with` block: torch.cuda's allocator peak on a GPU, sampled resident set size on CPU.
+
+    On CPU, tracemalloc does not see torch's allocations and ru_maxrss cannot be reset, so a thread samples
+    /proc/self/statm every `interval_s`; a spike shorter than that can be missed. `peak_bytes` is the absolute
+    figure, `delta_bytes` the peak over what the process held when the block began.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.delta_bytes = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+            return self
+        self._start = self.peak_bytes = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+        self.delta_bytes = max(0, self.peak_bytes - self._start)
+
+    def to_dict(self) -> dict:
+        kind = "cuda_max_memory_allocated" if self.device.type == "cuda" else "sampled_rss"
+        return {"peak_bytes": self.peak_bytes, "delta_bytes": self.delta_bytes, "method": kind}
+
+
+def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Bytes per second of a device-to-same-device copy, counting both the read and the write."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t = time_call(lambda: dst.copy_(src), device, warmup=2, repeat=repeat)["min_s"]
+    return 2 * n * 4 / t
+
+
+def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                repeat: int = 5) -> float:
+    """FLOP per second of an n x n x n matmul in `dtype` (the best of `repeat` runs)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t = time_call(lambda: a @ b, device, warmup=2, repeat=repeat)["min_s"]
+    return 2 * n ** 3 / t
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the floors need of a model config (the ModelConfig / manifest "model" field names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Shapes:
+        return cls(**{k: int(cfg[k]) for k in cls.__dataclass_fields__})
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """q, k, v, o projections and the gated MLP of all layers."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        return self.num_layers * (attn + 3 * h * self.intermediate_size)
+
+    @property
+    def matmul_params(self) -> int:
+        return self.layer_matmul_params + self.vocab_size * self.hidden_size
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+
+def prefill_flops(shapes: Shapes, batch: int, prompt_len: int) -> float:
+    tokens = batch * prompt_len
+    linear = 2 * shapes.layer_matmul_params * tokens + 2 * shapes.vocab_size * shapes.hidden_size * batch
+    attention = 2 * shapes.num_layers * shapes.num_heads * shapes.head_dim * prompt_len ** 2 * batch
+    return float(linear + attention)
+
+
+def decode_step_bytes(shapes: Shapes, batch: int, context_len: int, dtype_bytes: int) -> float:
+    """Bytes one decode step over `batch` sequences of `context_len` cached tokens must read."""
+    return float(shapes.matmul_params * dtype_bytes + batch * context_len * shapes.kv_bytes_per_token(dtype_bytes))
+
+
+def prefill_floor_s(shapes: Shapes, batch: int, prompt_len: int, flops_per_s: float) -> float:
+    return prefill_flops(shapes, batch, prompt_len) / flops_per_s
+
+
+def decode_floor_s(shapes: Shapes, batch: int, context_len: int, dtype_bytes: int, bytes_per_s: float) -> float:
+    """Seconds per decode step (one new token for each of the batch's sequences)."""
+    return decode_step_bytes(shapes, batch, context_len, dtype_bytes) / bytes_per_s
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The GPU's name, or the CPU's model name with the number of cores this process may use."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:  # not Linux: the platform's processor string is the best we have
+        import platform
+
+        model = platform.processor() or model
+    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def device_slug(name: str) -> str:
+    """A directory name for a device: 'AMD EPYC (2 cores)' -> 'amd-epyc-2-cores'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

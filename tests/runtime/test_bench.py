@@ -1,0 +1,64 @@
+"""The floors against DESIGN.md's Qwen3-8B / H100 figures, and the probes on this host."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc.models.registry import get_config
+from llmc.runtime.bench import (PeakMemory, Shapes, copy_bandwidth, decode_floor_s, decode_step_bytes, device_slug,
+                                matmul_rate, median_of, prefill_flops, prefill_floor_s, time_call)
+
+H100_BYTES_PER_S = 3.35e12  # HBM3 bandwidth the design's floor uses
+H100_BF16_FLOPS = 989e12  # dense bf16 peak
+
+
+def qwen3_8b() -> Shapes:
+    return Shapes.from_config(get_config("qwen3-8b").to_dict())
+
+
+def test_decode_floor_is_the_design_figure():
+    assert decode_floor_s(qwen3_8b(), 1, 0, 2, H100_BYTES_PER_S) * 1e3 == pytest.approx(4.52, abs=0.005)
+
+
+def test_prefill_flops_and_floor_are_the_design_figures():
+    shapes = qwen3_8b()
+    assert prefill_flops(shapes, 1, 16384) == pytest.approx(3.07e14, rel=2e-3)
+    assert prefill_floor_s(shapes, 1, 16384, H100_BF16_FLOPS) * 1e3 == pytest.approx(310, rel=0.01)
+
+
+def test_decode_bytes_grow_by_each_sequence_kv():
+    shapes = qwen3_8b()
+    per_token = 2 * 36 * 8 * 128 * 2  # k and v, layers, kv heads, head_dim, bf16
+    extra = decode_step_bytes(shapes, 8, 1000, 2) - decode_step_bytes(shapes, 1, 1000, 2)
+    assert extra == 7 * 1000 * per_token
+
+
+def test_prefill_flops_scale_with_batch():
+    shapes = qwen3_8b()
+    assert prefill_flops(shapes, 3, 100) == 3 * prefill_flops(shapes, 1, 100)
+
+
+def test_timing_helpers_take_the_median():
+    values = iter([9.0, 3.0, 1.0, 2.0])  # the first is the warm-up
+    assert median_of(lambda: next(values), warmup=1, repeat=3) == 2.0
+    calls = []
+    result = time_call(lambda: calls.append(1), warmup=2, repeat=3)
+    assert len(calls) == 5 and len(result["samples_s"]) == 3 and result["median_s"] >= result["min_s"] > 0
+
+
+def test_peak_memory_sees_a_torch_allocation():
+    with PeakMemory("cpu", interval_s=0.001) as peak:
+        big = torch.randn(64 << 20)  # 64 Mi fresh random floats: 256 MiB
+        big.add_(torch.randn(1))
+        del big
+    assert peak.delta_bytes > 200 << 20
+    assert peak.to_dict()["method"] == "sampled_rss"
+
+
+def test_probes_return_plausible_rates():
+    assert 1e8 < copy_bandwidth("cpu", nbytes=16 << 20, repeat=2) < 1e13
+    assert 1e8 < matmul_rate("cpu", torch.float32, n=256, repeat=2) < 1e14
+
+
+def test_device_slug():
+    assert device_slug("AMD EPYC 7B13 (2 cores)") == "amd-epyc-7b13-2-cores"
