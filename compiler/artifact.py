@@ -8,7 +8,6 @@ compiler), and the round-trip tests keep them in step.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -26,16 +25,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+# The format's names and hashing are the reader's (runtime/bundle.py): one definition, so they cannot drift.
+from llmc.runtime.bundle import FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, TOKENIZER_DIR, WEIGHTS_DIR, sha256_file
 from llmc.targets import Target, resolve_dtype
 
-FORMAT = "llmc-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-GRAPH = "graph.json"
-WEIGHTS_DIR = "weights"
-TOKENIZER_DIR = "tokenizer"
 KERNELS_DIR = "kernels"
-HASH_CHUNK = 1 << 20
 
 # Only these are copied, so that pointing tokenizer_dir at a checkpoint directory does not drag its weights in.
 TOKENIZER_FILES = (
@@ -47,16 +41,6 @@ REQUIRED_KEYS = ("model", "target", "dtype", "max_seq_len", "block_size", "eos_t
 
 class BundleWriteError(ValueError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb") as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def toolchain_versions() -> dict:
