@@ -120,7 +120,7 @@ def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None,
     manifest = json.loads(manifest_file.read_text())
     recorded = ModelConfig.from_dict(manifest["model"])
     source = resolve(weights)
-    if source.config.to_dict() | {"dtype": recorded.dtype} != recorded.to_dict():
+    if not source.config.same_model(recorded):
         raise ValueError(f"--weights {weights} holds a different model than the bundle ({manifest['model'].get('name')})")
     source.name = manifest["model"].get("name", source.name)
     names = list(dict.fromkeys(p["name"] for p in manifest["passes"] if p["graph"] == "prefill"))

@@ -56,7 +56,7 @@ def resolve(model: str | Path, weights: str | Path | bool | None = None) -> Mode
             raise CheckpointError(f"--weights {weights_dir} is not a directory")
         if weights_dir != path:
             checkpoint = read_config(weights_dir)
-            if checkpoint.to_dict() | {"dtype": config.dtype} != config.to_dict():
+            if not checkpoint.same_model(config):
                 raise CheckpointError(f"--weights {weights_dir} holds a different model than {text}")
     tok_dir = next((d for d in (weights_dir, path if path.is_dir() else None)
                     if d is not None and (d / "tokenizer.json").is_file()), None)

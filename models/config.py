@@ -45,6 +45,10 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def same_model(self, other: ModelConfig) -> bool:
+        """Same architecture and shapes; the dtype a checkpoint happens to be stored in does not count."""
+        return dataclasses.replace(self, dtype=other.dtype) == other
+
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}

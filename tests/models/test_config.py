@@ -122,3 +122,14 @@ def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="family"):
         ModelConfig(family="gpt2", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                     num_kv_heads=2, head_dim=4)
+
+
+def test_same_model_ignores_only_the_storage_dtype():
+    import dataclasses
+
+    from llmc.models.registry import get_config
+
+    base = get_config("qwen3-0.6b")
+    assert base.same_model(dataclasses.replace(base, dtype="float32"))
+    assert not base.same_model(dataclasses.replace(base, num_layers=base.num_layers + 1))
+    assert not base.same_model(dataclasses.replace(base, rope_theta=10000.0))
