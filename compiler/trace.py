@@ -7,6 +7,7 @@ and return (logits [B, V], new_k [L, B, S, Hkv, D], new_v [L, B, S, Hkv, D]).
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from llmc.compiler.stitch import StitchError, stitch
 from llmc.models import PagedKV, Transformer
 
 INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index")
@@ -147,19 +149,8 @@ def bind_weights(gm: torch.fx.GraphModule, model: Transformer, weights: Iterable
         raise ValueError(f"no weight supplied for {unbound[0]} ({len(unbound)} in all)")
 
 
-def trace(model: Transformer, block_size: int,
-          weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> list[Traced]:
-    """Exports the prefill graph of `model` and derives the decode graph.
-
-    Tracing always runs on a meta-device copy of the model: the graphs then never depend on the build machine
-    or on whether weights are bound (a bundle bound later with `llmc bind` gets the same graphs), and tracing
-    touches no weight memory. `weights` (parameter name, tensor) are bound into the graphs afterwards.
-    """
-    if next(model.parameters()).device.type != "meta":
-        weights = weights if weights is not None else model.named_parameters()
-        dtype = next(model.parameters()).dtype
-        with torch.device("meta"):
-            model = Transformer(model.config).to(dtype)
+def export_step(model: Transformer, block_size: int) -> torch.fx.GraphModule:
+    """The unlifted aten graph of one paged step of `model`, dynamic in batch, sequence and cache sizes."""
     step = PagedStep(model).eval()
     # Dim.AUTO rather than named Dims: the symbolic solver cannot prove some of SDPA's contiguity guards
     # (min(a + b*MB, 3a + 3b*MB) == a + b*MB), which are true for every size; AUTO keeps the dims dynamic.
@@ -170,7 +161,36 @@ def trace(model: Transformer, block_size: int,
         # torch's own pytree internals warn about their deprecated LeafSpec on every export; not ours to fix.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         ep = torch.export.export(step, example_inputs(model, 2, 5, block_size, device), dynamic_shapes=shapes)
-        prefill = unlift(ep.run_decompositions({}))
+        return unlift(ep.run_decompositions({}))
+
+
+def trace(model: Transformer, block_size: int, weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+          stitch_layers: bool = True) -> list[Traced]:
+    """Exports the prefill graph of `model` and derives the decode graph.
+
+    Tracing always runs on a meta-device copy of the model: the graphs then never depend on the build machine
+    or on whether weights are bound (a bundle bound later with `llmc bind` gets the same graphs), and tracing
+    touches no weight memory. `weights` (parameter name, tensor) are bound into the graphs afterwards.
+    Models of more than two layers export two and replay the second (compiler/stitch.py): exporting 36 layers
+    took most of a compile; stitch_layers=False exports every layer (the tests compare the two).
+    """
+    if next(model.parameters()).device.type != "meta":
+        weights = weights if weights is not None else model.named_parameters()
+        dtype = next(model.parameters()).dtype
+        with torch.device("meta"):
+            model = Transformer(model.config).to(dtype)
+    prefill = None
+    if stitch_layers and model.config.num_layers > 2:
+        with torch.device("meta"):
+            two = Transformer(dataclasses.replace(model.config, num_layers=2)).to(next(model.parameters()).dtype)
+        prefill = export_step(two, block_size)
+        try:
+            stitch(prefill, model.config.num_layers)
+        except StitchError as error:  # a model whose layers differ: export it whole
+            warnings.warn(f"exporting all {model.config.num_layers} layers ({error})", stacklevel=2)
+            prefill = None
+    if prefill is None:
+        prefill = export_step(model, block_size)
     place_on(prefill, torch.device("cpu"))
     if weights is not None:
         bind_weights(prefill, model, weights)
