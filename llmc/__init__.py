@@ -19,12 +19,19 @@ def compile(model, target="cpu", out=None, **options):
 
 
 def load(path, **runtime_options):
+    """An Engine for the bundle at path (options: llmc.runtime.engine.load). The KV cache's device pool is sized
+    by at most one of kv_cache_memory (bytes or "2GiB"), kv_cache_fraction (of the GPU memory free after the
+    weights load; CUDA only) and kv_cache_tokens, by default room for 4 sequences of the bundle's max_seq_len;
+    kv_offload_memory sizes the host tier preempted sequences swap to (default none: they are recomputed);
+    prefix_caching=False stops sharing cached prompt blocks; max_batch caps the sequences per step."""
     from llmc.runtime.engine import load as _load
 
     return _load(path, **runtime_options)
 
 
 def last_report():
+    """The report of the last compile in this process: llmc.compile's CompileReport, or, when
+    torch.compile(..., backend="llmc") compiled last, the BackendReport of its last graph (llmc/backend.py)."""
     from llmc.compiler.api import last_report as _last
 
     return _last()

@@ -1,8 +1,10 @@
 """Engine: a loaded bundle that generates. Owns the graphs, the paged KV cache and the scheduling loop.
 
-Each step runs one graph over a batch: newly admitted sequences are prefilled (right-padded to the longest
-prompt; padding never reaches a real token because attention is causal), running ones decode one token. The
-graph returns the step's keys and values; the engine writes them into each sequence's blocks.
+Each step runs one graph over a batch: newly admitted (or recompute-preempted) sequences are prefilled from
+their first uncached token (right-padded to the longest; padding never reaches a real token because attention
+is causal), running ones decode one token. The graph returns the step's keys and values; the engine writes them
+into each sequence's blocks. Before the step, it runs the block transfers the scheduler decided (copy-on-write,
+swaps to and from the host tier).
 """
 from __future__ import annotations
 
@@ -14,10 +16,15 @@ import torch
 
 from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs call)
 from llmc.codegen.graph_io import graph_from_json
+from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
-from llmc.runtime.kv_cache import PagedKVCache
+from llmc.runtime.kv_cache import PagedKVCache, block_bytes, format_bytes, parse_memory_size
 from llmc.runtime.sampling import make_generators, sample
 from llmc.runtime.scheduler import Scheduler, Sequence
+
+# Without a budget: room for this many longest sequences (capped on CUDA by DEFAULT_CUDA_FRACTION of free memory).
+DEFAULT_SEQUENCES = 4
+DEFAULT_CUDA_FRACTION = 0.9
 
 
 class PromptTooLongError(ValueError):
@@ -30,7 +37,7 @@ class Timing:
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # tokens computed by prefill steps (prefix cache hits excluded)
     decode_tokens: int = 0
     steps: int = 0
     first_token_s: float | None = None
@@ -51,6 +58,8 @@ class Engine:
     max_batch: int
     tokenizer: object | None = None
     timing: Timing = field(default_factory=Timing)
+    prefix_caching: bool = True
+    kv_stats: KVStats = field(default_factory=KVStats)  # of the last generate() call
 
     @property
     def max_seq_len(self) -> int:
@@ -76,43 +85,69 @@ class Engine:
             if bad:
                 raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary")
         seqs = [Sequence(i, list(p), max_new_tokens) for i, p in enumerate(prompts)]
-        scheduler = Scheduler(self.cache.pool, max_batch=self.max_batch)
+        self.kv_stats = KVStats()
+        blocks = BlockManager(self.cache.pool, self.cache.host_pool, self.prefix_caching, self.kv_stats)
+        scheduler = Scheduler(blocks, max_batch=self.max_batch)
         for s in seqs:
             scheduler.add(s)
         generators = make_generators(seed, [s.seq_id for s in seqs]) if temperature > 0 else None
         self.timing = Timing()
+        try:
+            self._run(scheduler, temperature, top_p, generators)
+        except BaseException:
+            # Interrupted (or failed) mid-generation: give the blocks back, and forget what the device blocks hold,
+            # since a step may have stopped between deciding block transfers and running them.
+            for seq_id in blocks.seq_ids():
+                blocks.free(seq_id)
+            self.cache.pool.forget_contents()
+            raise
+        return [s.output for s in seqs]
+
+    def _run(self, scheduler: Scheduler, temperature: float, top_p: float, generators) -> None:
         start = time.perf_counter()
         while scheduler.has_work:
-            to_prefill, to_decode = scheduler.schedule()
-            for group, kind in ((to_prefill, "prefill"), (to_decode, "decode")):
+            step = scheduler.schedule()
+            self.cache.apply(step.ops)
+            for group, kind in ((step.prefill, "prefill"), (step.decode, "decode")):
                 if not group:
                     continue
                 t = time.perf_counter()
-                logits = self._step(group, kind)
-                picks = generators and [generators[s.seq_id] for s in group]
+                logits, computed = self._step(scheduler, group, kind)
+                samplers, rows = list(group), list(range(len(group)))
+                if kind == "prefill" and step.forks:
+                    # A fork shares its parent's blocks and prompt, hence its parent's logits.
+                    row_of = {s.seq_id: r for r, s in enumerate(group)}
+                    for parent, child in step.forks:
+                        child.cached = parent.cached
+                        samplers.append(child)
+                        rows.append(row_of[parent.seq_id])
+                    logits = logits[torch.tensor(rows, device=logits.device)]
+                picks = generators and [generators[s.seq_id] for s in samplers]
                 tokens = sample(logits.float(), temperature, top_p, picks).tolist()
-                for s, tok in zip(group, tokens):
+                for s, tok in zip(samplers, tokens):
                     s.output.append(tok)
+                    scheduler.commit(s)
                     if len(s.output) >= s.max_new_tokens or tok in self.eos_token_ids:
-                        s.finished = True
                         scheduler.finish(s)
-                elapsed = time.perf_counter() - t
-                if kind == "prefill":
-                    self.timing.prefill_s += elapsed
-                    self.timing.prefill_tokens += sum(len(s.prompt) for s in group)
-                    if self.timing.first_token_s is None:
-                        self.timing.first_token_s = time.perf_counter() - start
-                else:
-                    self.timing.decode_s += elapsed
-                    self.timing.decode_tokens += len(group)
-                self.timing.steps += 1
-        return [s.output for s in seqs]
+                self._record(kind, computed, time.perf_counter() - t, start)
+
+    def _record(self, kind: str, computed: int, elapsed: float, start: float) -> None:
+        if kind == "prefill":
+            self.timing.prefill_s += elapsed
+            self.timing.prefill_tokens += computed
+            if self.timing.first_token_s is None:
+                self.timing.first_token_s = time.perf_counter() - start
+        else:
+            self.timing.decode_s += elapsed
+            self.timing.decode_tokens += computed
+        self.timing.steps += 1
 
     @torch.no_grad()
-    def _step(self, group: list[Sequence], kind: str) -> torch.Tensor:
+    def _step(self, scheduler: Scheduler, group: list[Sequence], kind: str) -> tuple[torch.Tensor, int]:
+        """Runs one graph over group; returns its logits [B, V] and how many tokens it computed."""
         dev = self.device
         if kind == "prefill":
-            tokens = [s.prompt[s.cached:] for s in group]
+            tokens = [_uncached(s) for s in group]
         else:
             tokens = [[s.output[-1] if s.output else s.prompt[-1]] for s in group]
         lengths = [len(t) for t in tokens]
@@ -120,15 +155,16 @@ class Engine:
         ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long, device=dev)
         past = torch.tensor([s.cached for s in group], dtype=torch.long, device=dev)
         positions = past[:, None] + torch.arange(width, device=dev)
-        # A prefill with nothing cached reads no past: one (fully masked) block keeps the gather tiny.
-        tables = [s.blocks if s.cached else s.blocks[:1] for s in group]
-        table = self.cache.block_table_tensor(tables).to(dev)
+        blocks = [scheduler.block_table(s) for s in group]
+        # Only the blocks holding cached tokens are read; one (fully masked) block when nothing is cached.
+        reads = [b[:max(1, self.cache.pool.blocks_for(s.cached))] for s, b in zip(group, blocks)]
+        table = self.cache.block_table_tensor(reads).to(dev)
         last = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
         logits, new_k, new_v = self.graphs[kind](ids, positions, self.cache.k, self.cache.v, table, past, last)
-        self.cache.write([s.blocks for s in group], [s.cached for s in group], lengths, new_k, new_v)
+        self.cache.write(blocks, [s.cached for s in group], lengths, new_k, new_v)
         for s, n in zip(group, lengths):
             s.cached += n
-        return logits
+        return logits, sum(lengths)
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -165,26 +201,99 @@ def _use_shipped_kernels(kernels_dir: Path) -> None:
     launch.use_library(library)
 
 
-def load(path: str | Path, device: str | None = None, kv_cache_tokens: int | None = None, max_batch: int = 32) -> Engine:
-    """Opens and verifies a bundle, loads its weights and graphs, and allocates the KV cache."""
+def _uncached(seq: Sequence) -> list[int]:
+    """seq's tokens from its first uncached one (without building prompt + output in full)."""
+    prompt_len = len(seq.prompt)
+    if seq.cached >= prompt_len:
+        return seq.output[seq.cached - prompt_len:]
+    return seq.prompt[seq.cached:] + seq.output
+
+
+def _use_shipped_kernels(kernels_dir: Path) -> None:
+    """On CUDA the llmc ops run their Triton launchers, which launch the bundle's cubins (no Triton compilation)
+    where it ships them for this GPU; what it lacks, they JIT-compile."""
+    from llmc.codegen.triton import launch
+    from llmc.runtime.kernels import KernelLibrary
+
+    launch.register_cuda_impls()
+    library = KernelLibrary(kernels_dir) if (kernels_dir / "index.json").is_file() else None
+    if library is not None:
+        library.load_all()
+    launch.use_library(library)
+
+
+def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str | None = None,
+         kv_cache_fraction: float | None = None, kv_offload_memory: int | str = 0, kv_cache_tokens: int | None = None,
+         max_batch: int = 32, prefix_caching: bool = True) -> Engine:
+    """Opens and verifies a bundle, loads its weights and graphs, and allocates the KV cache.
+
+    The device pool's size comes from at most one of: kv_cache_memory (bytes, or a string such as "2GiB"),
+    kv_cache_fraction (of the GPU memory still free once the weights are loaded; CUDA only: the rest is left to
+    activations), kv_cache_tokens. Without any: room for DEFAULT_SEQUENCES sequences of the bundle's
+    max_seq_len, capped on CUDA at DEFAULT_CUDA_FRACTION of free memory. The pool must hold one max_seq_len
+    sequence. kv_offload_memory (bytes or a string) sizes the host tier that preempted sequences are swapped to
+    (0: none; they are then recomputed). prefix_caching shares cached prompt blocks between sequences.
+    """
     bundle = open_bundle(path)
     if not bundle.has_weights:
         raise BundleError(f"{path} was compiled without weights; bind a checkpoint first (llmc compile ... --weights DIR)")
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    offload = parse_memory_size(kv_offload_memory)
     dev = torch.device(device or ("cuda" if bundle.target.get("arch", "cpu") != "cpu" else "cpu"))
+    cfg, block_size, dtype = bundle.config, bundle.manifest["block_size"], getattr(torch, bundle.dtype)
+    per_block = block_bytes(cfg["num_layers"], block_size, cfg["num_kv_heads"], cfg["head_dim"], dtype)
+    sizing = (dev, per_block, block_size, bundle.manifest["max_seq_len"], kv_cache_memory, kv_cache_fraction,
+              kv_cache_tokens)
+    # A budget that does not depend on free GPU memory is checked before the weights load: a bad one fails fast.
+    depends_on_free_memory = dev.type == "cuda" and kv_cache_memory is None and kv_cache_tokens is None
+    budget = None if depends_on_free_memory else kv_cache_budget(*sizing)
     if dev.type == "cuda":
         _use_shipped_kernels(bundle.path / "kernels")
     weights = bundle.load_weights(dev)
     graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
-    cfg, block_size = bundle.config, bundle.manifest["block_size"]
-    tokens = kv_cache_tokens or bundle.manifest["max_seq_len"] * 4
-    num_blocks = -(-tokens // block_size)
-    cache = PagedKVCache(cfg["num_layers"], num_blocks, block_size, cfg["num_kv_heads"], cfg["head_dim"],
-                         getattr(torch, bundle.dtype), dev)
+    if budget is None:
+        budget = kv_cache_budget(*sizing)
+    cache = PagedKVCache.from_budget(budget, cfg["num_layers"], block_size, cfg["num_kv_heads"], cfg["head_dim"],
+                                     dtype, dev, host_budget_bytes=offload)
     tokenizer = None
     if bundle.tokenizer_dir is not None and (bundle.tokenizer_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
-    engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer)
+    engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer, prefix_caching=prefix_caching)
     engine.warm_up()
     return engine
+
+
+def kv_cache_budget(device: torch.device, per_block: int, block_size: int, max_seq_len: int,
+                    memory: int | str | None = None, fraction: float | None = None, tokens: int | None = None) -> int:
+    """Bytes for the device pool (see `load`); raises ValueError when they hold no max_seq_len sequence."""
+    given = [name for name, value in (("kv_cache_memory", memory), ("kv_cache_fraction", fraction),
+                                      ("kv_cache_tokens", tokens)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of {' and '.join(given)} (--kv-cache-*): each sets the KV cache size")
+    longest = -(-max_seq_len // block_size) * per_block
+    if memory is not None:
+        budget = parse_memory_size(memory)
+    elif tokens is not None:
+        if tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be at least 1, got {tokens}")
+        budget = -(-tokens // block_size) * per_block
+    elif fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
+        if device.type != "cuda":
+            raise ValueError(f"kv_cache_fraction needs a CUDA device, not {device}; give kv_cache_memory "
+                             f"(--kv-cache-memory) instead")
+        budget = int(torch.cuda.mem_get_info(device)[0] * fraction)
+    else:
+        budget = DEFAULT_SEQUENCES * longest
+        if device.type == "cuda":
+            budget = min(budget, int(torch.cuda.mem_get_info(device)[0] * DEFAULT_CUDA_FRACTION))
+    if budget < longest:
+        raise ValueError(
+            f"a KV cache of {format_bytes(budget)} holds {budget // per_block * block_size} tokens, fewer than one "
+            f"sequence of the bundle's max_seq_len {max_seq_len}; give it at least {format_bytes(longest)} "
+            f"({longest} bytes, --kv-cache-memory) or recompile with a smaller --max-seq-len")
+    return budget

@@ -1,13 +1,19 @@
-"""The paged KV cache: a pool of fixed-size blocks and the tensors that hold their keys and values.
+"""The paged KV cache: pools of fixed-size blocks and the tensors that hold their keys and values.
 
 Layout (shared with `llmc.models.PagedKV` and the traced graphs): k, v are [L, num_blocks, block_size, Hkv, D].
 A sequence owns a list of block ids (its block table); its token at absolute position p lives in block
 table[p // block_size] at offset p % block_size. The model only reads the cache; after each step the runtime
 writes the step's new keys and values with `PagedKVCache.write`.
+
+Two tiers: the device pool the graphs read, and an optional host pool (pinned memory on CUDA) that preempted
+sequences are swapped out to. Which block moves where is decided by `block_manager.BlockManager`; the cache
+only executes its `BlockOp`s, in order.
 """
 from __future__ import annotations
 
-from collections import Counter
+import re
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -16,8 +22,27 @@ class CacheFullError(RuntimeError):
     """The pool holds fewer free blocks than asked for."""
 
 
+@dataclass(frozen=True)
+class BlockOp:
+    """One block transfer: "copy" device -> device (copy-on-write), "swap_out" device -> host, "swap_in" host ->
+    device. src and dst are block ids in their tiers."""
+
+    kind: str
+    src: int
+    dst: int
+
+
+TIERS = {"copy": ("device", "device"), "swap_out": ("device", "host"), "swap_in": ("host", "device")}
+
+
 class BlockPool:
-    """Block ids with a free list and a reference count per block (a count above 1 means a shared prefix)."""
+    """Block ids with a reference count each, and an index of the full blocks' contents for prefix sharing.
+
+    A block is free when no sequence holds it. A free block that carries a content hash (see
+    `block_manager.block_hashes`) is kept as a cache entry: it can be taken again by hash until an allocation
+    needs it, least recently released first. Invariant: a hash maps to exactly one block and back, and a block
+    keeps its hash only while its content is that hash's tokens (the manager never writes into a hashed block).
+    """
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
@@ -25,8 +50,12 @@ class BlockPool:
                              f"{block_size}")
         self._num_blocks, self._block_size = num_blocks, block_size
         # Reversed so that pop() hands out low ids first; freed blocks are reused first (LIFO).
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._plain_free = list(range(num_blocks - 1, -1, -1))
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # free hashed blocks, least recently released first
         self._refcount = [0] * num_blocks
+        self._hash_of: dict[int, bytes] = {}
+        self._block_of: dict[bytes, int] = {}
+        self.evictions = 0  # cached blocks given up to make room
 
     @property
     def num_blocks(self) -> int:
@@ -38,7 +67,13 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: never-used or released ones, cache entries included."""
+        return len(self._plain_free) + len(self._cached_free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks that carry a content hash, held or free."""
+        return len(self._block_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self._block_size)
@@ -47,21 +82,41 @@ class BlockPool:
         self._check_ids([block])
         return self._refcount[block]
 
+    def block_hash(self, block: int) -> bytes | None:
+        return self._hash_of.get(block)
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        return self._block_of.get(block_hash)
+
+    def cached_index(self) -> dict[bytes, int]:
+        return dict(self._block_of)
+
+    def free_blocks(self) -> set[int]:
+        return set(self._plain_free) | set(self._cached_free)
+
     def allocate(self, n: int) -> list[int]:
-        """n blocks with refcount 1; all or nothing."""
+        """n blocks with refcount 1 and no hash; all or nothing. Uses never-cached blocks first, then evicts the
+        least recently released cache entries."""
         if n < 0:
             raise ValueError(f"cannot allocate a negative number of blocks ({n})")
-        if n > len(self._free):
+        if n > self.num_free:
             raise CacheFullError(
-                f"KV cache full: {n} blocks wanted, {len(self._free)} free of {self._num_blocks} total; "
+                f"KV cache full: {n} blocks wanted, {self.num_free} free of {self._num_blocks} total; "
                 f"lower max_new_tokens or the prompt length, or give the KV cache a larger memory budget")
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
-            self._refcount[b] = 1
+        blocks = []
+        for _ in range(n):
+            if self._plain_free:
+                block = self._plain_free.pop()
+            else:
+                block, _ = self._cached_free.popitem(last=False)
+                del self._block_of[self._hash_of.pop(block)]
+                self.evictions += 1
+            self._refcount[block] = 1
+            blocks.append(block)
         return blocks
 
     def share(self, blocks: list[int]) -> None:
-        """One more owner for each block (prefix sharing); only allocated blocks can be shared."""
+        """One more owner for each block (a fork); only held blocks can be shared."""
         self._check_ids(blocks)
         unallocated = sorted({b for b in blocks if self._refcount[b] == 0})
         if unallocated:
@@ -69,8 +124,35 @@ class BlockPool:
         for b in blocks:
             self._refcount[b] += 1
 
+    def acquire(self, block_hash: bytes) -> int:
+        """One more owner for the block holding block_hash, taking it off the free list if it was a free cache
+        entry."""
+        block = self._block_of[block_hash]
+        if self._refcount[block] == 0:
+            del self._cached_free[block]
+        self._refcount[block] += 1
+        return block
+
+    def register(self, block: int, block_hash: bytes) -> bool:
+        """Indexes a held, fully written block under its content hash. False (nothing changes) when another
+        block already holds that content: the index keeps one block per content."""
+        self._check_ids([block])
+        if self._refcount[block] == 0:
+            raise ValueError(f"block {block} is free; only a held block can be registered")
+        known = self._hash_of.get(block)
+        if known is not None:
+            if known != block_hash:
+                raise ValueError(f"block {block} is already registered under another content hash")
+            return True
+        if block_hash in self._block_of:
+            return False
+        self._hash_of[block], self._block_of[block_hash] = block_hash, block
+        return True
+
     def free(self, blocks: list[int]) -> None:
-        """Drops one owner per listed block; a block returns to the free list when its count reaches 0.
+        """Drops one owner per listed block; a block returns to the free list when its count reaches 0 (as a
+        cache entry if it carries a hash). List a sequence's blocks tail first: among blocks released together,
+        the first listed is evicted first.
 
         Checked before anything changes, so a bad call (a double free: a caller bug) leaves the pool intact.
         """
@@ -81,7 +163,18 @@ class BlockPool:
         for b in blocks:
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
-                self._free.append(b)
+                if b in self._hash_of:
+                    self._cached_free[b] = None
+                else:
+                    self._plain_free.append(b)
+
+    def forget_contents(self) -> None:
+        """Empties the content index (free cache entries become plain free blocks): for when block contents can
+        no longer be trusted."""
+        self._plain_free.extend(self._cached_free)
+        self._cached_free.clear()
+        self._hash_of.clear()
+        self._block_of.clear()
 
     def _check_ids(self, blocks: list[int]) -> None:
         bad = sorted({b for b in blocks if not 0 <= b < self._num_blocks})
@@ -90,26 +183,35 @@ class BlockPool:
 
 
 class PagedKVCache:
-    """The k and v tensors [L, num_blocks, block_size, Hkv, D], allocated once, and the pool of their blocks."""
+    """The k and v tensors [L, num_blocks, block_size, Hkv, D], allocated once, and the pool of their blocks;
+    optionally a host tier of host_blocks blocks (host_k, host_v, host_pool) in pinned memory on CUDA."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype, device: str | torch.device = "cpu", host_blocks: int = 0):
         self.pool = BlockPool(num_blocks, block_size)
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         # Zeros, not empty: attention multiplies masked slots by a zero weight, and 0 * NaN garbage is NaN.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.host_pool = BlockPool(host_blocks, block_size) if host_blocks > 0 else None
+        if self.host_pool is not None:
+            host_shape = (num_layers, host_blocks, block_size, num_kv_heads, head_dim)
+            pinned = self.k.device.type == "cuda"  # page-locked host memory: DMA copies, no staging buffer
+            self.host_k = torch.zeros(host_shape, dtype=dtype, pin_memory=pinned)
+            self.host_v = torch.zeros(host_shape, dtype=dtype, pin_memory=pinned)
 
     @classmethod
     def from_budget(cls, budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype, device: str | torch.device = "cpu") -> PagedKVCache:
-        """As many blocks as fit in budget_bytes (k and v together)."""
+                    dtype: torch.dtype, device: str | torch.device = "cpu", host_budget_bytes: int = 0
+                    ) -> PagedKVCache:
+        """As many blocks as fit in budget_bytes (k and v together), and in host_budget_bytes on the host."""
         per_block = block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype)
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
             raise ValueError(f"a KV cache budget of {budget_bytes} bytes holds no block ({per_block} bytes each); "
                              f"raise the KV cache memory budget or lower the block size")
-        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+        return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
+                   host_blocks=max(0, host_budget_bytes) // per_block)
 
     @property
     def num_blocks(self) -> int:
@@ -123,6 +225,58 @@ class PagedKVCache:
     def bytes_per_token(self) -> int:
         num_layers, _, _, num_kv_heads, head_dim = self.k.shape
         return block_bytes(num_layers, 1, num_kv_heads, head_dim, self.k.dtype)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the device pool holds (all sequences together, before prefix sharing)."""
+        return self.num_blocks * self.block_size
+
+    @property
+    def host_capacity_tokens(self) -> int:
+        return self.host_pool.num_blocks * self.block_size if self.host_pool is not None else 0
+
+    def describe(self) -> str:
+        text = (f"KV cache {self.capacity_tokens} tokens ({self.num_blocks} blocks of {self.block_size}, "
+                f"{format_bytes(self.capacity_tokens * self.bytes_per_token)} on {self.k.device})")
+        if self.host_pool is not None:
+            text += (f" + host tier {self.host_capacity_tokens} tokens "
+                     f"({format_bytes(self.host_capacity_tokens * self.bytes_per_token)})")
+        return text
+
+    def apply(self, ops: list[BlockOp]) -> None:
+        """Executes block transfers in list order. Consecutive ops of one kind run as one gather/scatter unless
+        one reads or overwrites a block an earlier op of the run writes (then order matters)."""
+        run: list[BlockOp] = []
+        written: set[tuple[str, int]] = set()
+        for op in ops:
+            src_tier, dst_tier = TIERS[op.kind]
+            if run and (op.kind != run[0].kind or (src_tier, op.src) in written or (dst_tier, op.dst) in written):
+                self._transfer(run)
+                run, written = [], set()
+            run.append(op)
+            written.add((dst_tier, op.dst))
+        if run:
+            self._transfer(run)
+
+    def _transfer(self, run: list[BlockOp]) -> None:
+        kind = run[0].kind
+        if kind != "copy" and self.host_pool is None:
+            raise ValueError(f"a {kind} needs a host tier; give the cache host blocks (kv_offload_memory)")
+        src = torch.tensor([op.src for op in run], dtype=torch.long)
+        dst = torch.tensor([op.dst for op in run], dtype=torch.long)
+        device = self.k.device
+        if kind == "copy":
+            pairs = ((self.k, self.k), (self.v, self.v))
+            src, dst = src.to(device), dst.to(device)
+        elif kind == "swap_out":
+            pairs = ((self.k, self.host_k), (self.v, self.host_v))
+            src = src.to(device)
+        else:
+            pairs = ((self.host_k, self.k), (self.host_v, self.v))
+            dst = dst.to(device)
+        for source, target in pairs:
+            # index_select gathers before index_copy_ scatters, so a run is one simultaneous move.
+            target.index_copy_(1, dst, source.index_select(1, src).to(target.device))
 
     def block_table_tensor(self, block_tables: list[list[int]], min_width: int = 1) -> torch.Tensor:
         """[B, MB] int64 on the cache's device, rows padded with block 0 (the model masks padded entries)."""
@@ -192,3 +346,33 @@ class PagedKVCache:
 def block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of one block across all layers, keys and values."""
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_memory_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "2GiB", "512 MiB", "1.5GB" or "1048576" (KiB/MiB/GiB/TiB are
+    powers of 1024, KB/MB/GB/TB powers of 1000, a bare K/M/G/T is binary)."""
+    if isinstance(size, bool):
+        raise ValueError(f"memory size must be bytes or a string such as '2GiB', got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        unit = match and match.group(2).lower()
+        if not match or unit not in _UNITS:
+            raise ValueError(f"cannot read memory size {size!r}; write bytes or a number with KiB, MiB or GiB, "
+                             f"such as 2GiB")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value < 0:
+        raise ValueError(f"memory size must not be negative, got {size!r}")
+    return value
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

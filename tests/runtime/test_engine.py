@@ -1,4 +1,5 @@
-"""Engine: batching, queueing through a small KV pool, block reuse, length limits and seeded sampling."""
+"""Engine: batching, queueing through a small KV pool, block reuse, prefix sharing, offload and preemption,
+the KV budget, length limits and seeded sampling."""
 import pytest
 import torch
 
@@ -38,10 +39,12 @@ def test_many_sequences_through_a_small_pool(tiny_bundle):
 
 def test_blocks_are_reused_across_calls(tiny_bundle):
     _, bundle = tiny_bundle
-    engine = llmc.load(bundle, kv_cache_tokens=4 * 16, max_batch=4)
-    prompts = random_prompts(3, 10, 30)
+    engine = llmc.load(bundle, kv_cache_tokens=8 * 16, max_batch=4)
+    prompts = random_prompts(3, 17, 40)
     first = engine.generate(prompts, max_new_tokens=5)
+    assert engine.kv_stats.prefix_hit_tokens == 0
     assert engine.generate(prompts, max_new_tokens=5) == first  # stale cache contents never leak into results
+    assert engine.kv_stats.prefix_hit_tokens > 0, "the second call did not reuse the first call's full blocks"
     assert engine.cache.pool.num_free == engine.cache.pool.num_blocks
 
 
@@ -75,3 +78,126 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny_bundl
     assert engine.generate([a], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7)[0] == both[0]
     others = [engine.generate([a], max_new_tokens=16, temperature=1.0, seed=s)[0] for s in range(8, 12)]
     assert any(o != both[0] for o in others), "different seeds never changed the sample"
+
+
+def shared_prefix_prompts(vocab=97):
+    """Fresh tokens, fixed structure: twins (identical, partial last block), prompts continuing three stems,
+    and a block-aligned prompt that comes back later; lengths 5 to 74."""
+    stems = [torch.randint(0, vocab, (n,)).tolist() for n in (40, 23, 33)]
+    aligned = torch.randint(0, vocab, (32,)).tolist()
+
+    def tail(n):
+        return torch.randint(0, vocab, (n,)).tolist()
+
+    twin = stems[0] + tail(5)
+    return [twin, list(twin), stems[0] + tail(9), stems[1] + tail(3), aligned, stems[2] + tail(17),
+            stems[1] + tail(30), tail(5), stems[0] + tail(34), stems[2] + tail(1), list(aligned), stems[1] + tail(12)]
+
+
+@pytest.fixture(scope="module")
+def unbounded_run(tiny_bundle):
+    """Reference tokens: a pool that holds every sequence at once, no prefix sharing."""
+    _, bundle = tiny_bundle
+    prompts = shared_prefix_prompts()
+    engine = llmc.load(bundle, kv_cache_tokens=len(prompts) * 128, max_batch=len(prompts), prefix_caching=False)
+    runs = {t: engine.generate(prompts, max_new_tokens=24, temperature=t, seed=11) for t in (0.0, 0.9)}
+    assert engine.kv_stats.preempted_to_host == engine.kv_stats.preempted_to_recompute == 0
+    assert engine.kv_stats.shared_blocks == 0
+    return prompts, runs
+
+
+@pytest.mark.parametrize("offload, temperature", [("64KiB", 0.0), ("64KiB", 0.9), (0, 0.0)])
+def test_small_pool_with_sharing_and_preemption_generates_the_unbounded_tokens(tiny_bundle, unbounded_run,
+                                                                               offload, temperature):
+    _, bundle = tiny_bundle
+    prompts, want = unbounded_run
+    # 10 blocks: a few sequences at a time, growing into each other; the host tier holds 8 blocks.
+    engine = llmc.load(bundle, kv_cache_tokens=10 * 16, kv_offload_memory=offload, max_batch=8)
+    assert engine.cache.capacity_tokens == 160
+    got = engine.generate(prompts, max_new_tokens=24, temperature=temperature, seed=11)
+    assert got == want[temperature]
+    stats = engine.kv_stats
+    assert stats.shared_blocks > 0 and stats.prefix_hit_tokens > 0, stats
+    assert stats.forked_sequences >= 1 and stats.copy_on_write >= 1, stats  # the twins
+    assert stats.peak_used_blocks == engine.cache.num_blocks, stats  # the pool ran full
+    if offload:
+        assert engine.cache.host_capacity_tokens == 128
+        assert stats.preempted_to_host > 0 and stats.swapped_in_blocks > 0, stats
+        assert engine.cache.host_pool.num_free == engine.cache.host_pool.num_blocks
+    else:
+        assert stats.preempted_to_recompute > 0 and stats.preempted_to_host == 0, stats
+    assert engine.cache.pool.num_free == engine.cache.pool.num_blocks
+
+
+def test_prompts_sharing_a_long_prefix_hold_fewer_blocks(tiny_bundle):
+    _, bundle = tiny_bundle
+    prefix = torch.randint(0, 97, (64,)).tolist()  # 4 full blocks of 16
+    prompts = [prefix + torch.randint(0, 97, (5,)).tolist() for _ in range(6)]
+    held, outputs = {}, {}
+    for sharing in (True, False):
+        engine = llmc.load(bundle, kv_cache_tokens=40 * 16, max_batch=8, prefix_caching=sharing)
+        outputs[sharing] = engine.generate(prompts, max_new_tokens=8)
+        held[sharing] = engine.kv_stats.peak_used_blocks
+    # Each sequence caches at most 64 + 5 + 7 = 76 tokens: 5 blocks alone, or the 4 shared ones plus 1 of its own.
+    message = f"6 prompts with a 64-token common prefix held {held[True]} blocks shared, {held[False]} unshared"
+    assert held[True] == 4 + 6 * 1 and held[False] == 6 * 5, message
+    assert outputs[True] == outputs[False]
+
+
+def test_kv_cache_budget(tiny_bundle):
+    _, bundle = tiny_bundle
+    default = llmc.load(bundle)
+    longest = default.max_seq_len * default.cache.bytes_per_token  # max_seq_len is a whole number of blocks
+    assert default.cache.capacity_tokens == 4 * default.max_seq_len and default.cache.host_pool is None
+    exact = llmc.load(bundle, kv_cache_memory=longest)
+    assert exact.cache.capacity_tokens == exact.max_seq_len
+    assert len(exact.generate([[1] * (exact.max_seq_len - 4)], max_new_tokens=4)[0]) == 4
+    kib = llmc.load(bundle, kv_cache_memory=f"{3 * longest // 1024}KiB", kv_offload_memory=f"{longest}")
+    assert kib.cache.capacity_tokens == 3 * kib.max_seq_len and kib.cache.host_capacity_tokens == kib.max_seq_len
+    with pytest.raises(ValueError, match="fewer than one sequence of the bundle's max_seq_len"):
+        llmc.load(bundle, kv_cache_memory=longest - 1)
+    with pytest.raises(ValueError, match="one of"):
+        llmc.load(bundle, kv_cache_memory=longest, kv_cache_tokens=128)
+    with pytest.raises(ValueError, match="CUDA"):
+        llmc.load(bundle, kv_cache_fraction=0.5)
+    with pytest.raises(ValueError, match="memory size"):
+        llmc.load(bundle, kv_cache_memory="lots")
+
+
+def test_an_interrupted_generate_gives_its_blocks_back(tiny_bundle):
+    _, bundle = tiny_bundle
+    engine = llmc.load(bundle, kv_cache_tokens=10 * 16, kv_offload_memory="64KiB", max_batch=8)
+    prompts = shared_prefix_prompts()
+    want = engine.generate(prompts, max_new_tokens=10)
+    decode, calls = engine.graphs["decode"], 0
+
+    def interrupted(*inputs):
+        nonlocal calls
+        calls += 1
+        if calls == 8:
+            host = engine.cache.host_pool
+            assert host.num_free < host.num_blocks, "interrupt while a sequence is swapped out"
+            raise KeyboardInterrupt
+        return decode(*inputs)
+
+    engine.graphs["decode"] = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompts, max_new_tokens=10)
+    pool, host = engine.cache.pool, engine.cache.host_pool
+    assert pool.num_free == pool.num_blocks and pool.num_cached == 0 and host.num_free == host.num_blocks
+    engine.graphs["decode"] = decode
+    assert engine.generate(prompts, max_new_tokens=10) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_kv_cache_fraction_follows_free_memory():
+    from llmc.runtime.engine import kv_cache_budget
+
+    device = torch.device("cuda")
+    per_block = 1 << 20
+    free = torch.cuda.mem_get_info(device)[0]
+    budget = kv_cache_budget(device, per_block, 16, 128, fraction=0.5)
+    assert abs(budget - free // 2) <= free // 50  # free memory moves a little between the two readings
+    assert free > 64 * per_block, "the GPU is nearly full"
+    assert kv_cache_budget(device, per_block, 16, 128) == 4 * 8 * per_block  # 4 sequences of 128 tokens

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmc.models import PagedKV
-from llmc.runtime.kv_cache import BlockPool, CacheFullError, PagedKVCache
+from llmc.runtime.kv_cache import BlockOp, BlockPool, CacheFullError, PagedKVCache, parse_memory_size
 
 
 def test_pool_allocate_share_free_refcount():
@@ -158,3 +158,79 @@ def test_bytes_per_token_and_from_budget():
     assert sized.k.shape == (layers, 7, block_size, heads, head_dim) and sized.v.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="holds no block"):
         PagedKVCache.from_budget(per_token * block_size - 1, layers, block_size, heads, head_dim, torch.bfloat16)
+
+
+def test_pool_keeps_registered_blocks_as_cache_entries_until_allocation_needs_them():
+    pool = BlockPool(3, block_size=2)
+    a, b, c = pool.allocate(3)
+    assert pool.register(a, b"A") and pool.register(b, b"B")
+    assert not pool.register(c, b"A")  # one block per content: c stays unindexed
+    assert pool.register(a, b"A")  # registering again under the same hash changes nothing
+    with pytest.raises(ValueError, match="another content hash"):
+        pool.register(a, b"Z")
+    pool.free([c, b, a])
+    assert pool.num_free == 3 and pool.num_cached == 2 and pool.lookup(b"A") == a
+    assert pool.allocate(1) == [c]  # the unindexed block goes first
+    assert pool.acquire(b"A") == a and pool.refcount(a) == 1 and pool.num_free == 1
+    assert pool.allocate(1) == [b] and pool.lookup(b"B") is None and pool.evictions == 1
+    with pytest.raises(CacheFullError):
+        pool.allocate(1)
+    pool.free([a])
+    assert pool.lookup(b"A") == a and pool.free_blocks() == {a}
+    with pytest.raises(ValueError, match="is free"):
+        pool.register(a, b"A")
+
+
+def test_apply_runs_copies_and_swaps_in_order():
+    layers, heads, head_dim, block_size = 2, 3, 4, 2
+    cache = PagedKVCache(layers, 6, block_size, heads, head_dim, torch.float32, host_blocks=3)
+    cache.k.copy_(torch.randn_like(cache.k))
+    cache.v.copy_(torch.randn_like(cache.v))
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    cache.apply([BlockOp("copy", 1, 2), BlockOp("copy", 2, 3),  # the second reads what the first wrote
+                 BlockOp("swap_out", 3, 0), BlockOp("swap_out", 5, 2), BlockOp("swap_in", 2, 0),
+                 BlockOp("copy", 0, 4)])
+    for new, old, host in ((cache.k, k0, cache.host_k), (cache.v, v0, cache.host_v)):
+        assert torch.equal(new[:, 2], old[:, 1]) and torch.equal(new[:, 3], old[:, 1])
+        assert torch.equal(host[:, 0], old[:, 1]) and torch.equal(host[:, 2], old[:, 5])
+        assert torch.equal(new[:, 0], old[:, 5]) and torch.equal(new[:, 4], old[:, 5])
+        assert torch.equal(new[:, 1], old[:, 1]) and torch.equal(new[:, 5], old[:, 5])
+    with pytest.raises(ValueError, match="host tier"):
+        PagedKVCache(1, 2, 2, 1, 2, torch.float32).apply([BlockOp("swap_out", 0, 0)])
+
+
+def test_capacity_and_host_tier_from_budget():
+    per_block = 2 * 2 * 4 * 1 * 8 * 4  # k and v, 2 layers, 4 tokens, 1 head, head_dim 8, float32
+    cache = PagedKVCache.from_budget(10 * per_block + 5, 2, 4, 1, 8, torch.float32,
+                                     host_budget_bytes=3 * per_block)
+    assert cache.capacity_tokens == 40 and cache.host_capacity_tokens == 12
+    assert cache.host_pool.num_blocks == 3 and cache.host_k.shape == (2, 3, 4, 1, 8)
+    assert not cache.host_k.is_pinned()  # pinned only for a CUDA cache
+    assert "40 tokens" in cache.describe() and "host tier 12 tokens" in cache.describe()
+    plain = PagedKVCache.from_budget(2 * per_block, 2, 4, 1, 8, torch.float32)
+    assert plain.host_pool is None and plain.host_capacity_tokens == 0 and "host" not in plain.describe()
+
+
+def test_parse_memory_size():
+    assert parse_memory_size(123) == 123 and parse_memory_size("123") == 123
+    assert parse_memory_size("2GiB") == 2 << 30 and parse_memory_size("512 MiB") == 512 << 20
+    assert parse_memory_size("1.5kib") == 1536 and parse_memory_size("3KB") == 3000
+    assert parse_memory_size("2G") == 2 << 30
+    for bad in ("two GiB", "5 parsecs", "", "-1", True):
+        with pytest.raises(ValueError, match="memory size"):
+            parse_memory_size(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_host_tier_is_pinned_and_swaps_round_trip():
+    cache = PagedKVCache(2, 4, 4, 2, 8, torch.bfloat16, device="cuda", host_blocks=2)
+    assert cache.host_k.is_pinned() and cache.host_v.is_pinned() and cache.host_k.device.type == "cpu"
+    cache.k.copy_(torch.randn_like(cache.k))
+    cache.v.copy_(torch.randn_like(cache.v))
+    k0, v0 = cache.k.clone(), cache.v.clone()
+    cache.apply([BlockOp("swap_out", 1, 0), BlockOp("swap_out", 3, 1), BlockOp("swap_in", 1, 0),
+                 BlockOp("swap_in", 0, 2), BlockOp("copy", 2, 1)])
+    for new, old in ((cache.k, k0), (cache.v, v0)):
+        assert torch.equal(new[:, 0], old[:, 3]) and torch.equal(new[:, 2], old[:, 1])
+        assert torch.equal(new[:, 1], old[:, 1]) and torch.equal(new[:, 3], old[:, 3])
