@@ -127,3 +127,98 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_
 def _rope_fake(x, positions, cos_table, sin_table, norm_weight, eps):
     dtype = torch.promote_types(norm_weight.dtype, x.dtype) if norm_weight is not None else x.dtype
     return x.new_empty(x.shape, dtype=dtype)
+
+
+# ---- Attention (issue 5: dynamic block attention over the paged KV cache) --------------------------------------
+#
+# Both references are one scaled_dot_product_attention call per (sequence of the) batch: SDPA is what the unpassed
+# models call, so a graph keeps its numerics when the pass swaps its attention for these ops (scores, softmax and
+# the probabilities' accumulation in float32, the probabilities rounded to q's dtype before the product with V,
+# as SDPA's CPU and flash kernels do). Query head h reads kv head h // (H // Hkv) (repeat_interleave order).
+
+
+def _check_attention_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: str) -> int:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"{op}: q {tuple(q.shape)} must be [B, S, H, D] and k, v {tuple(k.shape)}, "
+                         f"{tuple(v.shape)} equal [B, S, Hkv, D]")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if kv_heads == 0 or heads % kv_heads or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: {heads} query heads of dim {q.shape[-1]} cannot share {kv_heads} kv heads of dim "
+                         f"{k.shape[-1]}; H must be a multiple of Hkv and the head dims equal")
+    return heads // kv_heads
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """q [S, H, D], keys / values [T, Hkv, D], mask [S, T] bool or None for causal with S == T -> [S, H, D]."""
+    qh, kh, vh = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                                           scale=scale, enable_gqa=q.shape[1] != keys.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def _visible(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """[S, T] True where a query at its position may attend a key at its: causal, and within `window` if > 0."""
+    offset = query_positions[:, None] - key_positions[None, :]
+    return (offset >= 0) & (offset < window) if window > 0 else offset >= 0
+
+
+@torch.library.custom_op("llmc::causal_attention", mutates_args=())
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """Causal attention without a cache: q [B, S, H, D], k / v [B, S, Hkv, D] -> [B, S, H, D] in q's dtype.
+
+    Query i attends keys j <= i, and with window > 0 only those with i - j < window (sliding window).
+    """
+    _check_attention_heads(q, k, v, "causal_attention")
+    positions = torch.arange(q.shape[1], device=q.device)
+    mask = _visible(positions, positions, window) if window > 0 else None
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, D]
+    out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None,
+                                                           scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).contiguous()
+
+
+@causal_attention.register_fake
+def _causal_attention_fake(q, k, v, scale, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("llmc::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, past_lens: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """One layer's attention of a paged step: this step's queries over the sequence's cached keys and its new ones.
+
+    q [B, S, H, D]; k / v [B, S, Hkv, D]: the step's new keys / values, not yet in the cache; k_cache / v_cache
+    [NB, BS, Hkv, D]; block_table [B, MB] int64; past_lens [B] int64. Query i of sequence b sits at position
+    p = past_lens[b] + i and attends the cached keys at positions t < past_lens[b] (block block_table[b, t // BS],
+    slot t % BS) and the new keys j <= i (position past_lens[b] + j); with window > 0 only keys at positions
+    > p - window. Rows are right-padded to the longest S (padded rows come out finite, otherwise arbitrary).
+
+    Per sequence, only the cache blocks holding keys some query may see are gathered (ceil(past / BS) of them,
+    fewer under a window), then one SDPA call.
+    """
+    _check_attention_heads(q, k, v, "paged_attention")
+    batch, seq = q.shape[:2]
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    new_positions = torch.arange(seq, device=q.device)
+    for b, past in enumerate(past_lens.tolist()):
+        first = max(0, past - window + 1) if window > 0 else 0  # the oldest position query 0 may see
+        first_block, end_block = first // block_size, -(-past // block_size)
+        blocks = block_table[b, first_block:end_block]
+        start = first_block * block_size
+        past_k = k_cache[blocks].flatten(0, 1)[: past - start]  # [past - start, Hkv, D]
+        past_v = v_cache[blocks].flatten(0, 1)[: past - start]
+        keys, values = torch.cat([past_k, k[b]]), torch.cat([past_v, v[b]])
+        if past == 0 and window == 0:
+            mask = None
+        else:
+            key_positions = torch.arange(start, past + seq, device=q.device)
+            mask = _visible(past + new_positions, key_positions, window)
+        out[b] = _attend(q[b], keys, values, scale, mask)
+    return out
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, k, v, k_cache, v_cache, block_table, past_lens, scale, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -9,10 +9,13 @@ interpreter's cost is per program and per op, not per element.
 Shared memory per SM bounds BLOCK_M*BLOCK_K + BLOCK_N*BLOCK_K elements times num_stages: sm_75 64 KiB,
 sm_86 / sm_89 100 KiB, sm_80 164 KiB, sm_90 228 KiB. The swiglu GEMM loads two weight tiles per step and keeps
 two accumulators, so its tiles are narrower in N.
+
+Attention has its own table (pick_attention, below): by head_dim and a sequence-length bucket rather than by
+shape class, and a split-K heuristic for decode (decode_splits).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 DECODE_MAX_M = 16
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "interpret")
@@ -20,9 +23,10 @@ ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "interpret")
 
 @dataclass(frozen=True)
 class Config:
-    block_m: int = 1  # GEMM: rows (tokens) per program; rope: heads per program
-    block_n: int = 1  # GEMM: output features per program; row norms: largest chunk of the hidden dim
-    block_k: int = 1  # GEMM only: reduction step
+    block_m: int = 1  # GEMM: rows (tokens) per program; rope: heads per program; attention: queries per program
+    block_n: int = 1  # GEMM: output features per program; row norms: largest chunk of the hidden dim; attention:
+    #                   keys per step
+    block_k: int = 1  # GEMM: reduction step; decode attention: fewest keys one split-K program reduces
     num_warps: int = 4
     num_stages: int = 1
 
@@ -66,6 +70,7 @@ _TABLE: dict[str, dict[str, dict[str, Config]]] = {
 SHARED_MEMORY = {"sm_75": 64 * 1024, "sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024,
                  "sm_90": 227 * 1024}
 
+ATTENTION_OPS = ("causal_attention", "paged_attention")
 _FAMILY = {"rms_norm": "row_norm", "add_rms_norm": "row_norm", "norm_linear": "gemm", "add_norm_linear": "gemm",
            "rope": "rope"}
 
@@ -75,6 +80,8 @@ def shape_class(m: int) -> str:
 
 
 def family(op: str, epilogue: str = "none") -> str:
+    if op in ATTENTION_OPS:
+        raise ValueError(f"{op}'s block configurations come from pick_attention (its own table, not autotuned)")
     if op not in _FAMILY:
         raise ValueError(f"no Triton kernel for op {op!r}; known: {', '.join(_FAMILY)}")
     name = _FAMILY[op]
@@ -164,3 +171,127 @@ def autotune(op: str, arch: str, shapes: dict, candidate_configs: list[Config] |
         key = tuning_key(op, arch, shapes["m"], shapes["n"], shapes.get("k", 0), options.get("epilogue", "none"))
         record[key] = {"config": best.to_dict(), "ms": timings[best]}
     return best
+
+
+# ---- Attention -------------------------------------------------------------------------------------------------
+#
+# Keyed by arch, head_dim bucket (head_dim padded to a power of two: 64, 128, 256) and a sequence-length bucket.
+# Prefill (attention_prefill, also chunked prefill and causal_attention): block_m queries per program against
+# tiles of block_n keys; the bucket is the step's query count S: "tiny" up to 16 (small chunks), "short" up to 512,
+# "long" beyond; larger tiles for long prompts, where there are enough query blocks to fill the GPU.
+# Decode (attention_decode, S == 1): block_n keys per step; the bucket is the context the block table can hold
+# (MB * BS). block_k is the dynamic block of the seed's "64 to 512 tokens": the fewest keys one split-K program
+# reduces. The launcher splits a sequence's keys into as many chunks as fill the GPU (decode_splits) but no
+# chunk below block_k: 64 keys for short contexts, where filling the SMs matters most, up to 512 for long ones,
+# where a 32K-token sequence still gets enough splits and fewer partials to merge.
+# Shared memory holds the Q tile and num_stages buffers of the K and V tiles: (block_m + 2 * num_stages *
+# block_n) * head_dim elements; the entries are sized for 2-byte elements, fit_attention shrinks them for float32.
+
+HEAD_DIM_BUCKETS = (64, 128, 256)
+PREFILL_BUCKETS = (("tiny", 16), ("short", 512), ("long", None))
+DECODE_BUCKETS = (("short", 2048), ("medium", 16384), ("long", None))
+DECODE_CHUNK = {"short": 64, "medium": 256, "long": 512}
+# SMs of each arch's reference part, for splitting decode while planning or interpreting (no device to ask).
+SM_COUNT = {"sm_75": 40, "sm_80": 108, "sm_86": 84, "sm_89": 128, "sm_90": 132, "interpret": 4}
+
+
+def _prefill(tiny: tuple, short: tuple, long: tuple) -> dict[str, Config]:
+    return {name: Config(block_m=m, block_n=n, num_warps=w, num_stages=s)
+            for name, (m, n, w, s) in (("tiny", tiny), ("short", short), ("long", long))}
+
+
+def _decode(block_n: int, num_warps: int, num_stages: int) -> dict[str, Config]:
+    return {name: Config(block_n=block_n, block_k=chunk, num_warps=num_warps, num_stages=num_stages)
+            for name, chunk in DECODE_CHUNK.items()}
+
+
+# kind -> arch -> padded head_dim -> bucket -> Config
+_ATTENTION: dict[str, dict[str, dict[int, dict[str, Config]]]] = {
+    "prefill": {
+        "sm_75": {64: _prefill((16, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
+                  128: _prefill((16, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+                  256: _prefill((16, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1))},
+        "sm_80": {64: _prefill((16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)),
+                  128: _prefill((16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)),
+                  256: _prefill((16, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2))},
+        "sm_86": {64: _prefill((16, 64, 4, 2), (64, 64, 4, 2), (128, 64, 4, 2)),
+                  128: _prefill((16, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
+                  256: _prefill((16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 1))},
+        "sm_90": {64: _prefill((16, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)),
+                  128: _prefill((16, 64, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)),
+                  256: _prefill((16, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2))},
+        "interpret": {d: _prefill((16, 16, 1, 1), (16, 16, 1, 1), (32, 16, 1, 1)) for d in HEAD_DIM_BUCKETS},
+    },
+    "decode": {
+        "sm_75": {64: _decode(64, 4, 1), 128: _decode(32, 4, 1), 256: _decode(16, 4, 1)},
+        "sm_80": {64: _decode(64, 4, 3), 128: _decode(64, 4, 2), 256: _decode(32, 4, 2)},
+        "sm_86": {64: _decode(64, 4, 2), 128: _decode(64, 4, 2), 256: _decode(32, 4, 1)},
+        "sm_90": {64: _decode(64, 4, 3), 128: _decode(64, 4, 3), 256: _decode(32, 4, 2)},
+        "interpret": {d: {name: Config(block_n=16, block_k=16, num_warps=1, num_stages=1) for name in DECODE_CHUNK}
+                      for d in HEAD_DIM_BUCKETS},
+    },
+}
+for _kind in _ATTENTION.values():
+    _kind["sm_89"] = _kind["sm_86"]  # the same SM generation's shared memory (99 KiB) and register file
+
+
+def _bucket(buckets: tuple, tokens: int) -> str:
+    return next(name for name, limit in buckets if limit is None or tokens <= limit)
+
+
+def attention_bucket(kind: str, tokens: int) -> str:
+    """The sequence-length bucket: prefill by query count, decode by the context the block table holds."""
+    return _bucket(PREFILL_BUCKETS if kind == "prefill" else DECODE_BUCKETS, tokens)
+
+
+def pick_attention(kind: str, arch: str, head_dim: int, tokens: int, element_bytes: int = 2) -> Config:
+    """The block configuration of attention `kind` ("prefill" | "decode") on `arch` for head_dim and `tokens`
+    (prefill: the step's query count; decode: the most keys the block table can address), fitted to shared
+    memory for `element_bytes`-byte elements."""
+    if arch not in ARCHS:
+        raise ValueError(f"no kernel configurations for arch {arch!r}; known: {', '.join(ARCHS)}")
+    padded = next((d for d in HEAD_DIM_BUCKETS if head_dim <= d), None)
+    if padded is None:
+        raise ValueError(f"attention kernels take head_dim up to {HEAD_DIM_BUCKETS[-1]}, got {head_dim}")
+    config = _ATTENTION[kind][arch][padded][attention_bucket(kind, tokens)]
+    return fit_attention(config, arch, padded, element_bytes, kind)
+
+
+def attention_shared_bytes(config: Config, head_dim: int, element_bytes: int, kind: str) -> int:
+    query_rows = config.block_m if kind == "prefill" else 16
+    return (query_rows + 2 * config.num_stages * config.block_n) * head_dim * element_bytes
+
+
+def fit_attention(config: Config, arch: str, head_dim: int, element_bytes: int, kind: str) -> Config:
+    """`config` with fewer stages, then narrower key tiles, until its tiles fit `arch`'s shared memory."""
+    limit = SHARED_MEMORY.get(arch)
+    if limit is None:
+        return config
+    while attention_shared_bytes(config, head_dim, element_bytes, kind) > limit:
+        if config.num_stages > 1:
+            config = replace(config, num_stages=config.num_stages - 1)
+        elif config.block_n > 16:
+            config = replace(config, block_n=config.block_n // 2)
+        else:
+            raise ValueError(f"no {kind} attention tile of head_dim {head_dim} fits {arch}'s shared memory")
+    return config
+
+
+def decode_splits(batch: int, kv_heads: int, max_context: int, sm_count: int, config: Config) -> int:
+    """How many split-K programs share one sequence's keys: enough for two programs per SM over the batch and kv
+    heads (one 32K-token sequence fills the GPU), no split smaller than config.block_k keys, at least one."""
+    wanted = -(-2 * sm_count // max(1, batch * kv_heads))
+    return max(1, min(wanted, -(-max_context // config.block_k)))
+
+
+
+def attention_plan_sizes() -> dict[str, int]:
+    """A size for the symbolic dims per prefill bucket, above 1 so that a paged step takes the prefill kernel:
+    planning an attention call at each of them covers every block configuration a prompt can launch. (Decode's
+    buckets differ only in block_k, which the kernel does not see.)"""
+    sizes, below = {}, 1
+    for name, limit in PREFILL_BUCKETS:
+        sizes[f"prefill-{name}"] = below + 1
+        below = limit
+    return sizes
+

@@ -1,91 +1,22 @@
 """One launcher per llmc op: checks the inputs, allocates the outputs, picks the block configuration, loads the
-kernel rendered for this spec and launches it. `register_cuda_impls()` makes the launchers the ops' CUDA
-implementations, so a graph of llmc ops runs these kernels on CUDA tensors and the references on CPU.
+kernel rendered for this spec and launches it (the attention launchers live in attention.py, what every launcher
+shares in hooks.py). `register_cuda_impls()` makes the launchers the ops' CUDA implementations, so a graph of llmc
+ops runs these kernels on CUDA tensors and the references on CPU.
 
 Launchers run on CPU tensors too when TRITON_INTERPRET=1 (the tests). `poison=True` fills outputs with NaN
 before the kernel runs, so an element a kernel fails to write shows up; production allocates them empty.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
-from triton import knobs
 
 from llmc.codegen import ops
-from llmc.codegen.triton import configs, render
+from llmc.codegen.triton import attention, configs
+from llmc.codegen.triton.attention import launch_causal_attention, launch_paged_attention
 from llmc.codegen.triton.configs import Config
-from llmc.codegen.triton.record import KernelRecorder, LibraryKernel, ShippedKernels
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-class _Hooks:
-    """What `load()` hands the launchers instead of the JIT kernel (record.py): a recorder while planning, the
-    bundle's shipped kernels on a GPU host serving it."""
-
-    recorder: KernelRecorder | None = None
-    shipped: ShippedKernels | None = None
-
-
-@contextlib.contextmanager
-def recording(arch: str):
-    """Launchers called inside launch nothing: each launch appends its KernelSpec to the yielded recorder's
-    `specs`, with `arch`'s block configurations. Tensors may be on the meta device."""
-    if arch not in configs.ARCHS or arch == "interpret":
-        raise ValueError(f"no kernel configurations for arch {arch!r}; known: {', '.join(configs.ARCHS[:-1])}")
-    previous, _Hooks.recorder = _Hooks.recorder, KernelRecorder(arch)
-    try:
-        yield _Hooks.recorder
-    finally:
-        _Hooks.recorder = previous
-
-
-def use_library(library) -> None:
-    """From now on compiled launches take the cubin `library` (runtime/kernels.py KernelLibrary) holds for their
-    spec, and JIT-compile only what it lacks; None: JIT only."""
-    _Hooks.shipped = ShippedKernels(library) if library is not None else None
-
-
-def load(op: str, **spec):
-    """The kernel `op`'s launcher launches: render.load's JIT kernel, unless a hook above replaces it."""
-    if _Hooks.recorder is not None:
-        return _Hooks.recorder.kernel(op, spec)
-    kernel = render.load(op, **spec)
-    if _Hooks.shipped is not None and not knobs.runtime.interpret:
-        return LibraryKernel(_Hooks.shipped, op, spec, kernel)
-    return kernel
-
-
-def current_arch(device: torch.device) -> str:
-    """The config table's arch for `device`: the recorded target's while recording, "interpret" under
-    TRITON_INTERPRET, else sm_XY, an arch newer than the table's newest using the newest entry."""
-    if _Hooks.recorder is not None:
-        return _Hooks.recorder.arch
-    if knobs.runtime.interpret:
-        return "interpret"
-    if device.type != "cuda":
-        raise ValueError(f"Triton kernels run on CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to "
-                         "interpret them on the CPU")
-    major, minor = torch.cuda.get_device_capability(device)
-    known = [arch for arch in configs.ARCHS if arch.startswith("sm_")]
-    fitting = [arch for arch in known if int(arch[3:]) <= major * 10 + minor]
-    if not fitting:
-        raise ValueError(f"GPU arch sm_{major}{minor} is older than the oldest supported, {known[0]}")
-    return max(fitting, key=lambda arch: int(arch[3:]))
-
-
-def _dtype_name(tensor: torch.Tensor, what: str) -> str:
-    if tensor.dtype not in _DTYPE_NAMES:
-        raise ValueError(f"{what} is {tensor.dtype}; Triton kernels take float32, float16 or bfloat16")
-    return _DTYPE_NAMES[tensor.dtype]
-
-
-def _empty(shape, dtype: torch.dtype, device: torch.device, poison: bool) -> torch.Tensor:
-    if poison:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+from llmc.codegen.triton.hooks import current_arch, load, recording, use_library  # noqa: F401  (re-exported)
+from llmc.codegen.triton.hooks import dtype_name as _dtype_name, empty_output as _empty
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -229,7 +160,12 @@ def launch_rope(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tenso
 
 
 LAUNCHERS = {"rms_norm": launch_rms_norm, "add_rms_norm": launch_add_rms_norm, "norm_linear": launch_norm_linear,
-             "add_norm_linear": launch_add_norm_linear, "rope": launch_rope}
+             "add_norm_linear": launch_add_norm_linear, "rope": launch_rope,
+             "causal_attention": launch_causal_attention, "paged_attention": launch_paged_attention}
+# The kernels (templates) each launcher may launch: KernelSpec.op names these.
+KERNELS = {op: (op,) for op in LAUNCHERS} | {"causal_attention": ("attention_prefill",),
+                                             "paged_attention": ("attention_prefill", "attention_decode",
+                                                                 "attention_combine")}
 
 
 def register_cuda_impls() -> None:
@@ -243,7 +179,10 @@ def register_cuda_impls() -> None:
 def example_inputs(op: str, shapes: dict, dtype: torch.dtype, device: str, *, norm: str = "rms",
                    epilogue: str = "none", bias: bool = False, with_norm_weight: bool = True) -> tuple:
     """Random inputs of `op` for shapes {"m": tokens, "n": out features / hidden / heads, "k": in features /
-    head_dim} (rope: m = batch * seq as [1, m]), in the launcher's argument order (for autotune and benchmarks)."""
+    head_dim} (rope: m = batch * seq as [1, m]), in the launcher's argument order (for autotune and benchmarks).
+    Attention ops take attention.example_inputs' shapes (b, s, h, kv, d, past, bs, window)."""
+    if op in configs.ATTENTION_OPS:
+        return attention.example_inputs(op, shapes, dtype, device)
     m, n, k = shapes["m"], shapes["n"], shapes.get("k", 0)
     eps = 1e-6
 

@@ -7,6 +7,8 @@ no weights. The graphs are dynamic in the token dims (batch, sequence), and the 
 configuration by shape class (configs.shape_class: decode up to DECODE_MAX_M token rows, prefill above), so
 each call is planned once per class with every symbolic dim set to that class's size; either graph can meet
 either class (a prefill of one short prompt is decode-sized, a decode step of a large batch prefill-sized).
+Attention calls are planned once more per prefill sequence-length bucket (configs.attention_plan_sizes), whose
+block configurations differ; a paged call at S = 1 plans the decode kernel and its combine.
 
 A spec's `launches` is the number of call sites in the graph it serves: a per-layer kernel of an L-layer model
 serves L launches per step. Nothing here needs a GPU or imports the kernel sources.
@@ -19,7 +21,7 @@ import operator
 import torch
 from torch import fx
 
-from llmc.codegen.triton import launch
+from llmc.codegen.triton import configs, launch
 from llmc.codegen.triton.aot import KernelSpec
 from llmc.codegen.triton.configs import DECODE_MAX_M
 
@@ -81,7 +83,8 @@ def kernel_specs(gm: fx.GraphModule, arch: str) -> list[KernelSpec]:
         op = llmc_op(node)
         if op is None or op not in launch.LAUNCHERS:
             continue
-        for shape_class, size in CLASS_DIM_SIZE.items():
+        sizes = {**CLASS_DIM_SIZE, **(configs.attention_plan_sizes() if op in configs.ATTENTION_OPS else {})}
+        for shape_class, size in sizes.items():
             args, kwargs = _meta_arguments(gm, node, size)
             with launch.recording(arch) as recorder:
                 try:

@@ -34,6 +34,11 @@ SPEC_KEYS = {
     "norm_linear": _GEMM,
     "add_norm_linear": _GEMM,
     "rope": ("dtype", "out_dtype", "heads", "head_dim", "has_norm", "block_h", "num_warps"),
+    "attention_prefill": ("dtype", "heads", "kv_heads", "head_dim", "paged", "windowed", "cache_block_size",
+                          "block_m", "block_n", "num_warps", "num_stages"),
+    "attention_decode": ("dtype", "heads", "kv_heads", "head_dim", "windowed", "cache_block_size", "block_h",
+                         "block_n", "num_warps", "num_stages"),
+    "attention_combine": ("dtype", "head_dim", "block_s", "num_warps"),
 }
 
 _environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,

@@ -101,3 +101,121 @@ def test_export_round_trip_with_dynamic_dims():
         # And once more through export, from the exported module itself.
         again = torch.export.export(ep.module(), (torch.randn(2, 3, 80),), dynamic_shapes=dims)
         assert torch.equal(again.module()(x), expected)
+
+
+# ---- Attention references against the float64 dense formula ---------------------------------------------------
+# Inputs rounded to the dtype first, so only the reference's arithmetic separates the two.
+ATTENTION_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def dense_attention_float64(q, keys, values, scale, query_positions, key_positions, window):
+    """q [S, H, D], keys / values [T, Hkv, D], one sequence: softmax over the keys each query may see."""
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
+    scores = torch.einsum("shd,thd->hst", q.double(), keys) * scale
+    offset = query_positions[:, None] - key_positions[None, :]
+    visible = (offset >= 0) & (offset < window) if window > 0 else offset >= 0
+    return torch.einsum("hst,thd->shd", scores.masked_fill(~visible, float("-inf")).softmax(-1), values)
+
+
+def paged_float64(q, k, v, k_cache, v_cache, block_table, past_lens, scale, window):
+    """The paged contract read literally: sequence b's cached key t is slot t % BS of block block_table[b, t // BS]."""
+    block_size, seq = k_cache.shape[1], q.shape[1]
+    outs = []
+    for b, past in enumerate(past_lens.tolist()):
+        slots = [(block_table[b, t // block_size], t % block_size) for t in range(past)]
+        past_k = torch.stack([k_cache[i, j] for i, j in slots]) if slots else k_cache[:0, 0]
+        past_v = torch.stack([v_cache[i, j] for i, j in slots]) if slots else v_cache[:0, 0]
+        keys, values = torch.cat([past_k, k[b]]), torch.cat([past_v, v[b]])
+        outs.append(dense_attention_float64(q[b], keys, values, scale, past + torch.arange(seq),
+                                            torch.arange(past + seq), window))
+    return torch.stack(outs)
+
+
+def paged_inputs(dtype, batch=3, seq=5, heads=4, kv_heads=2, head_dim=16, block_size=4, past_lens=(0, 6, 13)):
+    """A cache with more blocks than the batch uses, each sequence's blocks shuffled over it; the unused blocks
+    and the table's padding entries hold NaN, so reading one shows."""
+    needed = [-(-past // block_size) for past in past_lens]
+    num_blocks = sum(needed) + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    order = torch.randperm(num_blocks).tolist()
+    unused = order[sum(needed):]
+    k_cache[unused], v_cache[unused] = float("nan"), float("nan")
+    max_blocks = max(needed) + 2
+    block_table = torch.tensor(unused[:1] * max_blocks * batch).view(batch, max_blocks)
+    for b, count in enumerate(needed):
+        block_table[b, :count] = torch.tensor(order[:count])
+        order = order[count:]
+    q = torch.randn(batch, seq, heads, head_dim).to(dtype)
+    k, v = torch.randn(batch, seq, kv_heads, head_dim).to(dtype), torch.randn(batch, seq, kv_heads, head_dim).to(dtype)
+    return q, k, v, k_cache, v_cache, block_table, torch.tensor(past_lens), head_dim ** -0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (3, 3, 10), (8, 1, 64)])
+@pytest.mark.parametrize("window", [0, 4])
+def test_causal_attention_matches_float64(dtype, heads, kv_heads, head_dim, window):
+    batch, seq, scale = 2, 11, head_dim ** -0.5
+    q = torch.randn(batch, seq, heads, head_dim).to(dtype)
+    k, v = (torch.randn(batch, seq, kv_heads, head_dim).to(dtype) for _ in range(2))
+    out = torch.ops.llmc.causal_attention(q, k, v, scale, window)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    positions = torch.arange(seq)
+    expected = torch.stack([dense_attention_float64(q[b], k[b], v[b], scale, positions, positions, window)
+                            for b in range(batch)])
+    rtol, atol = ATTENTION_TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq", [1, 5])
+@pytest.mark.parametrize("window", [0, 3, 9])
+def test_paged_attention_matches_float64(dtype, seq, window):
+    inputs = paged_inputs(dtype, seq=seq)
+    out = torch.ops.llmc.paged_attention(*inputs, window)
+    assert out.shape == inputs[0].shape and out.dtype == dtype and out.isfinite().all()
+    rtol, atol = ATTENTION_TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), paged_float64(*inputs, window), rtol=rtol, atol=atol)
+
+
+def test_paged_attention_without_a_past_is_causal_attention():
+    q, k, v, k_cache, v_cache, block_table, _, scale = paged_inputs(torch.float32)
+    past_lens = torch.zeros(3, dtype=torch.long)
+    for window in (0, 2):
+        torch.testing.assert_close(torch.ops.llmc.paged_attention(q, k, v, k_cache, v_cache, block_table, past_lens,
+                                                                  scale, window),
+                                   torch.ops.llmc.causal_attention(q, k, v, scale, window), rtol=1.3e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_attention_is_the_models_masked_sdpa(dtype):
+    # What the pass replaces: models/transformer.py gathers the whole table, masks it and calls SDPA.
+    from llmc.models.transformer import PagedKV, repeat_kv
+
+    q, k, v, k_cache, v_cache, block_table, past_lens, _ = paged_inputs(dtype)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # the model reads every entry, masked or not
+    kv = PagedKV(k_cache[None], v_cache[None], block_table, past_lens)
+    past_k, past_v = kv.past(0)
+    keys, values = torch.cat([past_k, k], 1).transpose(1, 2), torch.cat([past_v, v], 1).transpose(1, 2)
+    model = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), repeat_kv(keys, 2), repeat_kv(values, 2), attn_mask=kv.mask(q.shape[1], "cpu"))
+    out = torch.ops.llmc.paged_attention(q, k, v, k_cache, v_cache, block_table, past_lens, q.shape[-1] ** -0.5, 0)
+    rtol, atol = ATTENTION_TOLERANCE[dtype]
+    torch.testing.assert_close(out, model.transpose(1, 2), rtol=rtol, atol=atol)
+
+
+def test_attention_fake_impls_and_opcheck():
+    inputs = paged_inputs(torch.bfloat16)
+    for op, args in ((torch.ops.llmc.causal_attention.default, (*inputs[:3], 0.25, 2)),
+                     (torch.ops.llmc.paged_attention.default, (*inputs, 3))):
+        torch.library.opcheck(op, args)
+        with FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        assert fake.shape == inputs[0].shape and fake.dtype == torch.bfloat16
+
+
+def test_attention_refuses_mismatched_heads():
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        torch.ops.llmc.causal_attention(q, k, k, 0.3, 0)

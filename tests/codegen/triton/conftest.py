@@ -12,7 +12,9 @@ Triton 3.6's interpreter stores bfloat16 as raw uint16 and gets two things wrong
 fp32 -> bf16 casts truncate instead of rounding to nearest even, and tl.dot multiplies the uint16 bit patterns.
 Both are patched below for this test process only (a correct cast through torch; a dot on the exact float32
 widening of bf16, which is what bf16 tensor cores compute), so the interpreted kernel is the source a GPU runs,
-judged with the arithmetic a GPU does.
+judged with the arithmetic a GPU does. A third patch lets a loop bound be a runtime scalar (the attention
+kernels' `range(start, past, BLOCK)`): the interpreter holds scalars as one-element arrays and converts them
+with int(array), which NumPy 2 refuses for arrays of one dimension; .item() is the conversion it meant.
 """
 import os
 
@@ -45,8 +47,17 @@ def _dot_widening_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
     return _raw_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
 
+_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor_with_scalar_index(tensor, scope):
+    _patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+
 interpreter._convert_float = _convert_float_rounding_to_nearest
 interpreter.InterpreterBuilder.create_dot = _dot_widening_bf16
+interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from llmc.codegen.triton import configs
 from llmc.codegen.triton.configs import (ARCHS, SHARED_MEMORY, Config, autotune, candidates, fit_shared_memory,
                                          pick, shape_class, tuning_key)
 
@@ -77,3 +78,59 @@ def test_autotune_records_the_fastest_candidate(device, monkeypatch):
     best = autotune("norm_linear", arch, shapes, candidates("norm_linear", arch, 8)[:4], record=record, norm="rms")
     assert record[tuning_key("norm_linear", arch, 8, 1024, 1024)]["config"] == best.to_dict()
     assert pick("norm_linear", arch, 8, 1024, 1024, tuned=record) == best
+
+
+GPU_ARCHS = [arch for arch in ARCHS if arch in SHARED_MEMORY]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["prefill", "decode"])
+def test_attention_has_a_fitting_config_for_every_head_dim_and_length(arch, kind):
+    for head_dim in (10, 64, 80, 128, 256):
+        padded = next(d for d in configs.HEAD_DIM_BUCKETS if head_dim <= d)
+        for tokens in (1, 16, 17, 512, 513, 4096, 32768, 131072):
+            table = configs._ATTENTION[kind][arch][padded][configs.attention_bucket(kind, tokens)]
+            config = configs.pick_attention(kind, arch, head_dim, tokens)
+            if arch in SHARED_MEMORY:
+                assert config == table, "table entries must fit 16-bit tiles as written"
+                wide = configs.pick_attention(kind, arch, head_dim, tokens, element_bytes=4)
+                assert configs.attention_shared_bytes(wide, padded, 4, kind) <= SHARED_MEMORY[arch]
+            for block in (config.block_n, config.block_m) if kind == "prefill" else (config.block_n,):
+                assert block >= 16 and block & (block - 1) == 0, "tl.dot tiles: powers of two, at least 16"
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_prefill_tiles_grow_with_the_prompt(arch):
+    for head_dim in configs.HEAD_DIM_BUCKETS:
+        tiny, short, long = (configs.pick_attention("prefill", arch, head_dim, tokens) for tokens in (8, 300, 4096))
+        assert tiny.block_m == 16 and tiny.block_m < short.block_m <= long.block_m
+        assert tiny.block_m * tiny.block_n < long.block_m * long.block_n
+
+
+def test_decode_chunks_span_64_to_512_keys():
+    chunks = [configs.pick_attention("decode", "sm_90", 128, context).block_k for context in (1024, 8192, 32768)]
+    assert chunks == [64, 256, 512]
+    assert sorted(configs.DECODE_CHUNK.values()) == [64, 256, 512]
+
+
+@pytest.mark.parametrize("arch", GPU_ARCHS)
+def test_one_long_sequence_fills_the_gpu(arch):
+    sms = configs.SM_COUNT[arch]
+    config = configs.pick_attention("decode", arch, 128, 32768)
+    splits = configs.decode_splits(1, 8, 32768, sms, config)
+    assert 8 * splits >= sms, "one 32K-token sequence with 8 kv heads gives every SM a program"
+    assert 32768 / splits >= config.block_k, "no split below the table's chunk of keys"
+    assert configs.decode_splits(64, 8, 32768, sms, config) == 1, "a large batch fills the GPU without splitting"
+    assert configs.decode_splits(1, 8, 100, sms, configs.pick_attention("decode", arch, 128, 100)) == 2
+
+
+def test_attention_plan_sizes_reach_every_prefill_bucket():
+    sizes = configs.attention_plan_sizes()
+    assert {configs.attention_bucket("prefill", size) for size in sizes.values()} == {
+        name for name, _ in configs.PREFILL_BUCKETS}
+    assert min(sizes.values()) > 1, "S = 1 is decode"
+
+
+def test_attention_ops_are_not_in_the_gemm_table():
+    with pytest.raises(ValueError, match="pick_attention"):
+        pick("paged_attention", "sm_80", 1, 128)

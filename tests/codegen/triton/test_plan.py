@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmc.codegen import ops  # noqa: F401  (registers the llmc ops the test graphs call)
-from llmc.codegen.triton import configs, launch, plan, render
+from llmc.codegen.triton import configs, hooks, launch, plan, render
 from llmc.codegen.triton.record import LibraryKernel, ShippedKernels, argument_type
 from llmc.compiler import pipeline
 from llmc.compiler.trace import trace
@@ -58,17 +58,23 @@ def test_layers_share_their_kernels(qwen3_graphs, graph):
         assert a >= 0 and b in (-1, 0, 1) and spec.launches >= 1, (identity, a, b)
         per_layer += a > 0
     assert per_layer >= 2
-    ops_planned = {spec.op for spec in three.values()}
-    assert ops_planned == {plan.llmc_op(node) for node in llmc_calls(qwen3_graphs[3][graph])}
+    kernels_planned = {spec.op for spec in three.values()}
+    ops_called = {plan.llmc_op(node) for node in llmc_calls(qwen3_graphs[3][graph])}
+    assert kernels_planned <= {kernel for op in ops_called for kernel in launch.KERNELS[op]}
+    assert all(kernels_planned & set(launch.KERNELS[op]) for op in ops_called)
 
 
 def test_each_call_is_one_launch_per_shape_class(qwen3_graphs, monkeypatch):
     gm = qwen3_graphs[3]["decode"]
-    calls = len(llmc_calls(gm))
-    assert calls >= 3 * 3
+    calls = llmc_calls(gm)
+    assert len(calls) >= 3 * 3
+    paged = sum(plan.llmc_op(node) == "paged_attention" for node in calls)
+    monkeypatch.setattr(configs, "attention_plan_sizes", lambda: {})  # one size at a time for attention too
     for shape_class, size in plan.CLASS_DIM_SIZE.items():
         monkeypatch.setattr(plan, "CLASS_DIM_SIZE", {shape_class: size})
-        assert sum(spec.launches for spec in plan.kernel_specs(gm, "sm_80")) == calls
+        # A paged attention call at S = 1 launches the split-K kernel and its combine, every other call one kernel.
+        launches = len(calls) + (paged if size == 1 else 0)
+        assert sum(spec.launches for spec in plan.kernel_specs(gm, "sm_80")) == launches
 
 
 @pytest.mark.parametrize("shape_class,tokens", [("decode", 1), ("prefill", 300)])
@@ -95,7 +101,8 @@ def test_a_gemm_gets_its_classes_block_configuration(qwen3_graphs, shape_class, 
 
 
 class EveryOp(torch.nn.Module):
-    """One call of each llmc op, with a bias and swiglu, as the fusion passes leave them."""
+    """One call of each llmc op, with a bias and swiglu, as the fusion passes leave them; attention over the
+    rope's heads (k and v views of them) and one layer's slice of a paged cache."""
 
     def __init__(self, dtype):
         super().__init__()
@@ -109,14 +116,18 @@ class EveryOp(torch.nn.Module):
         self.register_buffer("cos", angles.cos())
         self.register_buffer("sin", angles.sin())
 
-    def forward(self, x, positions):
+    def forward(self, x, positions, k_cache, v_cache, block_table, past_lens):
         llmc = torch.ops.llmc
         h = llmc.rms_norm(x, self.norm, 1e-6)
         total, h = llmc.add_rms_norm(h, x, self.norm, 1e-6)
         up = llmc.norm_linear(h, self.gate_up, self.bias, 1e-6, "rms", "swiglu")
         total, out = llmc.add_norm_linear(up, up, self.down, None, 1e-6, "none", "none")
         heads = out.view(out.shape[0], out.shape[1], HEADS, HEAD_DIM)
-        return llmc.rope(heads, positions, self.cos, self.sin, self.head_norm, 1e-6), total
+        q = llmc.rope(heads, positions, self.cos, self.sin, self.head_norm, 1e-6)
+        k, v = q[:, :, :KV_HEADS], q[:, :, KV_HEADS:]
+        causal = llmc.causal_attention(q, k, v, 0.25, 0)
+        paged = llmc.paged_attention(q, k, v, k_cache[1], v_cache[1], block_table, past_lens, 0.25, 3)
+        return causal + paged, total
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +135,20 @@ def every_op_graph():
     model = EveryOp(torch.float16)
     x = torch.randn(2, 5, HIDDEN).half()
     positions = torch.randint(0, 128, (2, 5))
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    return torch.export.export(model, (x, positions), dynamic_shapes=shapes).run_decompositions({}).module()
+    cache = torch.randn(2, 7, 4, KV_HEADS, HEAD_DIM).half()
+    block_table, past_lens = torch.randint(0, 7, (2, 3)), torch.tensor([4, 0])
+    batch, seq, blocks = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("blocks")
+    table_width = torch.export.Dim("table_width")
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {1: blocks}, {1: blocks}, {0: batch, 1: table_width},
+              {0: batch})
+    inputs = (x, positions, cache, cache.clone(), block_table, past_lens)
+    return torch.export.export(model, inputs, dynamic_shapes=shapes).run_decompositions({}).module()
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
 def test_every_launcher_is_planned(every_op_graph, arch):
     specs = plan.kernel_specs(every_op_graph, arch)
-    assert {spec.op for spec in specs} == set(launch.LAUNCHERS)
+    assert {spec.op for spec in specs} == {kernel for kernels in launch.KERNELS.values() for kernel in kernels}
     assert all(spec.launches == 1 for spec in specs)
     for spec in specs:
         assert list(spec.signature) == [n for n in _parameters(spec)]
@@ -144,6 +160,17 @@ def test_every_launcher_is_planned(every_op_graph, arch):
     gemms = [spec for spec in specs if spec.op == "norm_linear"]
     # The decode and prefill classes of the GEMM have different tiles on every GPU arch.
     assert len(gemms) == 2 and len({s.name for s in gemms}) == 2
+    # Attention: the prefill kernel per sequence-length bucket whose tiles differ, for each op (paged or not);
+    # the paged call at S = 1 the split-K decode and its combine.
+    head_dim = configs.HEAD_DIM_BUCKETS[0]
+    buckets = {configs.pick_attention("prefill", arch, head_dim, size) for size in
+               configs.attention_plan_sizes().values()}
+    prefill = [spec for spec in specs if spec.op == "attention_prefill"]
+    assert len(prefill) == 2 * len(buckets)
+    assert {(s.constexprs.get("past_lens_ptr"), s.signature.get("past_lens_ptr")) for s in prefill} == {
+        (None, None), (None, "*i64")}
+    decode = [spec for spec in specs if spec.op in ("attention_decode", "attention_combine")]
+    assert len(decode) == 2 and all(s.signature.get("block_table_ptr", "*i64") == "*i64" for s in decode)
 
 
 def _parameters(spec) -> list[str]:
@@ -172,7 +199,7 @@ def test_recording_launches_nothing_and_restores():
     with pytest.raises(ValueError, match="no kernel configurations"):
         with launch.recording("sm_70"):
             pass
-    assert launch._Hooks.recorder is None
+    assert hooks.Hooks.recorder is None
 
 
 def test_argument_types_follow_triton():

@@ -100,3 +100,25 @@ def test_rendered_gemm_cross_compiles_for_a_gpu_arch(tmp_path):
                             env=os.environ | {"TRITON_INTERPRET": "0"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) > 0
+
+
+ATTENTION_SPEC = dict(dtype="bfloat16", heads=8, kv_heads=2, head_dim=80, paged=True, windowed=False,
+                      cache_block_size=16, block_m=64, block_n=32, num_warps=4, num_stages=2)
+
+
+def test_attention_specs_are_baked_into_the_sources():
+    source, name = render("attention_prefill", **ATTENTION_SPEC)
+    compile(source, f"{name}.py", "exec")
+    assert "tl.arange(0, 64)" in source and "tl.arange(0, 128)" in source and "dims < 80" in source
+    assert "block_table_ptr" in source and "// 16" in source and "< window" not in source
+    plain, _ = render("attention_prefill", **(ATTENTION_SPEC | {"paged": False, "windowed": True}))
+    assert "block_table_ptr" not in plain and "< window" in plain
+    decode, name = render("attention_decode", **{key: value for key, value in ATTENTION_SPEC.items()
+                                                 if key not in ("paged", "block_m")}, block_h=16)
+    compile(decode, f"{name}.py", "exec")
+    assert "tl.dot(q, tl.trans(k))" in decode and "tl.num_programs(2)" in decode
+    unique_heads, _ = render("attention_decode", **{key: value for key, value in ATTENTION_SPEC.items()
+                                                    if key not in ("paged", "block_m")} | {"kv_heads": 8}, block_h=1)
+    assert "tl.dot" not in unique_heads, "one query head per kv head: a row reduction, no padded 16-row dot"
+    combine, name = render("attention_combine", dtype="float16", head_dim=80, block_s=16, num_warps=1)
+    compile(combine, f"{name}.py", "exec")
