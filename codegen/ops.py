@@ -222,3 +222,53 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 @paged_attention.register_fake
 def _paged_attention_fake(q, k, v, k_cache, v_cache, block_table, past_lens, scale, window):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ---- KV-cache write fused with RoPE (issue 5 item 3) --------------------------------------------------------------
+
+def check_kv_write(k: torch.Tensor, v: torch.Tensor, rotated_dtype: torch.dtype, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, layer: int, slots: torch.Tensor) -> None:
+    if k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"rope_write_kv: k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B, S, Hkv, D]")
+    if k_cache.dim() != 5 or v_cache.shape != k_cache.shape or tuple(k_cache.shape[3:]) != tuple(k.shape[2:]):
+        raise ValueError(f"rope_write_kv: caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} must both be "
+                         f"[L, NB, BS, Hkv={k.shape[2]}, D={k.shape[3]}]")
+    if not 0 <= layer < k_cache.shape[0]:
+        raise ValueError(f"rope_write_kv: layer {layer} is outside the caches' {k_cache.shape[0]} layers")
+    if tuple(slots.shape) != tuple(k.shape[:2]) or slots.dtype != torch.int64:
+        raise ValueError(f"rope_write_kv: slots {tuple(slots.shape)} {slots.dtype} must be [B, S] = "
+                         f"{tuple(k.shape[:2])} int64")
+    if k_cache.dtype != rotated_dtype or v_cache.dtype != v.dtype:
+        raise ValueError(f"rope_write_kv: rotated keys {rotated_dtype} and values {v.dtype} cannot go into "
+                         f"{k_cache.dtype} / {v_cache.dtype} caches; build the caches in the model's dtype")
+
+
+@torch.library.custom_op("llmc::rope_write_kv", mutates_args=("k_cache", "v_cache"))
+def rope_write_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                  sin_table: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
+    """rope(k, positions, cos_table, sin_table, norm_weight, eps), also written with v into layer `layer` of the
+    paged caches: the step's keys and values stored where attention of later steps reads them.
+
+    k, v [B, S, Hkv, D] (k before the rotation, as llmc::rope takes it); k_cache, v_cache the whole
+    [L, NB, BS, Hkv, D] caches; slots [B, S] int64: the flat slot block * BS + offset of each token, -1 for batch
+    padding (not written). Returns the rotated keys, exactly llmc::rope's result. The slots of one call must be
+    distinct (the runtime's block manager never lets two tokens share one), else which token lands is unspecified.
+    """
+    out = rope(k, positions, cos_table, sin_table, norm_weight, eps)
+    check_kv_write(k, v, out.dtype, k_cache, v_cache, layer, slots)
+    block_size = k_cache.shape[2]
+    flat = slots.reshape(-1)
+    keep = flat >= 0
+    targets = flat[keep]
+    index = (torch.full_like(targets, layer), targets // block_size, targets % block_size)
+    k_cache.index_put_(index, out.reshape(-1, *out.shape[2:])[keep])  # any cache strides: no flattening view
+    v_cache.index_put_(index, v.reshape(-1, *v.shape[2:])[keep])
+    return out
+
+
+@rope_write_kv.register_fake
+def _rope_write_kv_fake(k, v, positions, cos_table, sin_table, norm_weight, eps, k_cache, v_cache, layer, slots):
+    # No shape checks against slots here: in a traced graph its sizes are symbols of their own (an input the
+    # model does not read), equal to k's only at run time.
+    return _rope_fake(k, positions, cos_table, sin_table, norm_weight, eps)

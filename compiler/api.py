@@ -10,10 +10,10 @@ import torch
 
 import llmc
 from llmc.codegen.graph_io import graph_to_json
-from llmc.compiler import artifact, pipeline
+from llmc.compiler import artifact, pipeline, plan
 from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
-from llmc.compiler.trace import example_inputs, trace
+from llmc.compiler.trace import cache_slots, example_inputs, trace
 from llmc.models import ModelConfig, Transformer
 from llmc.models.loader import stream_weights
 from llmc.targets import get_target, resolve_dtype
@@ -46,11 +46,18 @@ class CompileReport:
 class _LastReport:
     """Holds the report of the most recent compile in this process (llmc.last_report())."""
 
-    report: CompileReport | None = None
+    report = None  # CompileReport, or llmc.backend's BackendReport when torch.compile compiled last
 
 
-def last_report() -> CompileReport | None:
+def last_report():
+    """The CompileReport of the last `llmc.compile`, or the BackendReport of the last graph the torch.compile
+    backend compiled, whichever came last; None before either. Both have format() and to_dict()."""
     return _LastReport.report
+
+
+def record_report(report) -> None:
+    """Makes `report` what last_report() returns (the torch.compile backend records its reports here)."""
+    _LastReport.report = report
 
 
 def meta_model(source: ModelSource, dtype: torch.dtype) -> Transformer:
@@ -61,16 +68,18 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> Transformer:
 
 def check_inputs(model: Transformer, name: str, max_seq_len: int, seed: int = 0) -> tuple:
     """Random tokens over a partly filled random cache: what --check-passes feeds every graph. Positions stay
-    below max_seq_len, the length the RoPE tables are folded for."""
+    below max_seq_len, the length the RoPE tables are folded for. Sequences hold distinct blocks and the new
+    tokens' slots follow their tables (-1 past a table's end), so a graph that writes the cache writes only where
+    no query reads in this step, as the runtime's blocks guarantee."""
     g = torch.Generator().manual_seed(seed)
     seq = min(7 if name == "prefill" else 1, max_seq_len)
-    ids, pos, k, v, table, past, last = example_inputs(model, 3, seq, BLOCK_SIZE)
+    ids, pos, k, v, table, past, last, _ = example_inputs(model, 3, seq, BLOCK_SIZE)
     ids = torch.randint(0, model.config.vocab_size, ids.shape, generator=g)
     k, v = torch.randn(k.shape, generator=g).to(k.dtype), torch.randn(v.shape, generator=g).to(v.dtype)
     table = torch.randperm(k.shape[1], generator=g)[: table.numel()].view(table.shape)
     past = torch.randint(0, min(table.shape[1] * BLOCK_SIZE, max_seq_len - seq + 1), past.shape, generator=g)
     pos = past[:, None] + torch.arange(seq)
-    return ids, pos, k, v, table, past, last
+    return ids, pos, k, v, table, past, last, cache_slots(table, past, seq, BLOCK_SIZE)
 
 
 def collect_weights(graphs) -> dict[str, torch.Tensor]:
@@ -89,8 +98,11 @@ def collect_weights(graphs) -> dict[str, torch.Tensor]:
 
 def compile(model: str | Path, target: str = "cpu", out: str | Path | None = None, *, weights: str | Path | None = None,
             dtype: str | None = None, passes: str | list[str] | None = None, max_seq_len: int | None = None,
-            check_passes: bool = False, progress: bool = False, overwrite: bool = True) -> Path:
-    """Compiles MODEL (registry name, "llmc-tiny", or a checkpoint directory) for TARGET into a bundle directory."""
+            check_passes: bool = False, progress: bool = False, overwrite: bool = True,
+            sliding_window: int = 0) -> Path:
+    """Compiles MODEL (registry name, "llmc-tiny", or a checkpoint directory) for TARGET into a bundle directory.
+
+    sliding_window: N > 0 makes every attention see only the last N positions (block_attention's window)."""
     tgt = get_target(target)
     dtype_name = resolve_dtype(tgt, dtype)
     source = resolve(model, weights)
@@ -99,11 +111,23 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
     if max_seq_len < 1 or max_seq_len > source.config.max_position_embeddings:
         raise ValueError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
+    _check_sliding_window(sliding_window, names, check_passes)
     if check_passes and source.weights_dir is None:
         raise ValueError("--check-passes runs the graphs and needs weights: give a checkpoint or --weights DIR")
     out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
     artifact.check_destination(out, overwrite)
-    return _build(source, tgt, dtype_name, max_seq_len, names, out, check_passes, progress, overwrite)
+    return _build(source, tgt, dtype_name, max_seq_len, names, out, check_passes, progress, overwrite,
+                  sliding_window=sliding_window)
+
+
+def _check_sliding_window(window, names: list[str], check_passes: bool) -> None:
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(f"--sliding-window must be a whole number >= 0 (0 = full attention), got {window!r}")
+    if window and "block_attention" not in names:
+        raise ValueError("--sliding-window is applied by the block_attention pass: do not exclude it with --passes")
+    if window and check_passes:
+        raise ValueError("--check-passes compares with the unpassed full-attention graphs, which --sliding-window "
+                         "changes on purpose: use one or the other")
 
 
 def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None, progress: bool = False) -> Path:
@@ -127,14 +151,16 @@ def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None,
     old_graph = json.loads((bundle / "graph.json").read_text())
     out = Path(out) if out else bundle
     path = _build(source, get_target(manifest["target"]["name"]), manifest["dtype"], manifest["max_seq_len"], names,
-                  out, False, progress, True, expect_graph=old_graph)
+                  out, False, progress, True, expect_graph=old_graph,
+                  sliding_window=manifest.get("sliding_window", 0))
     return path
 
 
 def _structure(graph: dict) -> str:
     """graph.json with node names replaced by their positions: two exports of one model may number nodes
     differently (export's name counters), but must agree on everything else."""
-    text = json.dumps(graph, sort_keys=True)
+    # The memory plans derive from the graphs: comparing graphs is enough, and bundles without plans still bind.
+    text = json.dumps({k: v for k, v in graph.items() if k != "memory"}, sort_keys=True)
     for g in graph["graphs"].values():
         for i, node in enumerate(g["nodes"]):
             if node["op"] not in ("placeholder", "get_attr"):
@@ -143,7 +169,7 @@ def _structure(graph: dict) -> str:
 
 
 def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: list[str], out: Path, check: bool,
-           progress: bool, overwrite: bool, expect_graph: dict | None = None) -> Path:
+           progress: bool, overwrite: bool, expect_graph: dict | None = None, sliding_window: int = 0) -> Path:
     t0 = time.perf_counter()
     report = CompileReport(source.name, tgt.name, dtype_name)
     dtype = getattr(torch, dtype_name)
@@ -155,7 +181,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     graphs = trace(net, BLOCK_SIZE, weights)
     samples = {t.name: check_inputs(net, t.name, max_seq_len) for t in graphs} if check else {}
     t2 = time.perf_counter()
-    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len)
+    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len, sliding_window=sliding_window)
     for t in graphs:
         report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=samples.get(t.name),
                                                       graph_name=t.name))
@@ -170,6 +196,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         "target": tgt.to_dict(),
         "dtype": dtype_name,
         "max_seq_len": max_seq_len,
+        "sliding_window": sliding_window,
         "block_size": BLOCK_SIZE,
         "has_weights": source.weights_dir is not None,
         "eos_token_ids": source.eos_token_ids,
@@ -182,6 +209,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     if expect_graph is not None and _structure(expect_graph) != _structure(graph):
         raise ValueError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
     tensors = collect_weights(graphs)
+    graph["memory"] = plan.plan_bundle(graphs, source.config, dtype, BLOCK_SIZE, max_seq_len, tensors)
     weight_stream = sorted(tensors.items()) if source.weights_dir is not None else None
     report.out = artifact.write_bundle(out, manifest, graph, weight_stream, source.tokenizer_dir,
                                        overwrite=overwrite, progress=progress,
@@ -189,5 +217,5 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     t4 = time.perf_counter()
     report.seconds = {"load": t1 - t0, "trace": t2 - t1, "passes": t3 - t2, "kernels": t_kernels - t3,
                       "write": t4 - t_kernels, "total": t4 - t0}
-    _LastReport.report = report
+    record_report(report)
     return report.out

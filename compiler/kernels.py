@@ -39,10 +39,10 @@ def aot_for_target(graphs, target: Target, workers: int | None = None) -> Kernel
     per_graph = {t.name: plan.kernel_specs(t.gm, target.arch) for t in graphs}
     plan_seconds = time.perf_counter() - start
     result = aot.compile_all([spec for specs in per_graph.values() for spec in specs], [target.arch], workers=workers)
-    # One launch per llmc op call; a call has a kernel per shape class, so the kernels' own counts (index.json)
-    # add up to more than the launches a step makes.
-    per_step = {t.name: sum(plan.llmc_op(node) in plan.launch.LAUNCHERS for node in t.gm.graph.nodes)
-                for t in graphs}
+    # A step's launches, each graph at its own shape class (a decode step, a prefill of a long prompt); the kernels'
+    # own counts (index.json) are call sites per shape class, so they add up to more than one step launches.
+    size = {"decode": plan.CLASS_DIM_SIZE["decode"], "prefill": plan.CLASS_DIM_SIZE["prefill"]}
+    per_step = {t.name: plan.launches_per_step(t.gm, target.arch, size.get(t.name, size["prefill"])) for t in graphs}
     report = {**result.report(), "launches_served": sum(per_step.values()), "launches_per_step": per_step,
               "plan_seconds": round(plan_seconds, 3),
               "kernels_per_op": _kernels_per_op(result)}

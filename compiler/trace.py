@@ -2,8 +2,11 @@
 
 Two graphs per model, from one export: "prefill" (S dynamic) and "decode" (S = 1). Both take the same inputs:
   input_ids [B, S] int64, positions [B, S] int64, k_cache / v_cache [L, NB, BS, Hkv, D],
-  block_table [B, MB] int64, past_lens [B] int64, last_index [B] int64
+  block_table [B, MB] int64, past_lens [B] int64, last_index [B] int64,
+  slot_mapping [B, S] int64 (the flat cache slot block * BS + offset of each new token, -1 for batch padding)
 and return (logits [B, V], new_k [L, B, S, Hkv, D], new_v [L, B, S, Hkv, D]).
+The model does not read slot_mapping (export keeps it as a placeholder): the fuse_kv_write pass makes the graph
+write the step's keys and values into the cache at those slots; without that pass the runtime writes new_k/new_v.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from torch.export import Dim
 from llmc.compiler.stitch import StitchError, stitch
 from llmc.models import PagedKV, Transformer
 
-INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index")
+INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index",
+               "slot_mapping")
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 
 
@@ -30,7 +34,7 @@ class PagedStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, positions, k_cache, v_cache, block_table, past_lens, last_index):
+    def forward(self, input_ids, positions, k_cache, v_cache, block_table, past_lens, last_index, slot_mapping):
         return self.model(input_ids, positions, PagedKV(k_cache, v_cache, block_table, past_lens), last_index)
 
 
@@ -78,7 +82,8 @@ def unlift(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
 
 
 def example_inputs(model: Transformer, batch: int, seq: int, block_size: int, device="cpu"):
-    """Inputs whose sizes are all distinct and > 1, so export specializes none of the dynamic dims."""
+    """Inputs whose sizes are all distinct and > 1, so export specializes none of the dynamic dims. Every
+    sequence's table holds block 0, so slot_mapping is all -1: a graph that writes the cache writes nothing."""
     cfg = model.config
     dtype = next(model.parameters()).dtype
     num_blocks, max_blocks = 11, 3
@@ -90,7 +95,17 @@ def example_inputs(model: Transformer, batch: int, seq: int, block_size: int, de
         torch.zeros(batch, max_blocks, dtype=torch.long, device=device),
         torch.zeros(batch, dtype=torch.long, device=device),
         torch.full((batch,), seq - 1, dtype=torch.long, device=device),
+        torch.full((batch, seq), -1, dtype=torch.long, device=device),
     )
+
+
+def cache_slots(block_table: torch.Tensor, past_lens: torch.Tensor, seq: int, block_size: int) -> torch.Tensor:
+    """[B, S] int64: the flat cache slot (block * block_size + offset) of position past_lens[b] + i, read from
+    the block table; -1 where the table has no block for that position."""
+    positions = past_lens[:, None] + torch.arange(seq, device=past_lens.device)
+    index = positions // block_size
+    blocks = block_table.gather(1, index.clamp(max=block_table.shape[1] - 1))
+    return torch.where(index < block_table.shape[1], blocks * block_size + positions % block_size, -1)
 
 
 def specialize_decode(prefill: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -155,7 +170,8 @@ def export_step(model: Transformer, block_size: int) -> torch.fx.GraphModule:
     # Dim.AUTO rather than named Dims: the symbolic solver cannot prove some of SDPA's contiguity guards
     # (min(a + b*MB, 3a + 3b*MB) == a + b*MB), which are true for every size; AUTO keeps the dims dynamic.
     auto = Dim.AUTO
-    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, {1: auto}, {1: auto}, {0: auto, 1: auto}, {0: auto}, {0: auto})
+    shapes = ({0: auto, 1: auto}, {0: auto, 1: auto}, {1: auto}, {1: auto}, {0: auto, 1: auto}, {0: auto}, {0: auto},
+              {0: auto, 1: auto})
     device = next(model.parameters()).device
     with torch.no_grad(), warnings.catch_warnings():
         # torch's own pytree internals warn about their deprecated LeafSpec on every export; not ours to fix.

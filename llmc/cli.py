@@ -19,7 +19,8 @@ def _compile(a) -> None:
     weights = False if a.no_weights else a.weights
     # Progress bars only on a terminal: in a log or a pipe their carriage returns are noise around the result.
     out = compile(a.model, a.target, a.output, weights=weights, dtype=a.dtype, passes=a.passes,
-                  max_seq_len=a.max_seq_len, check_passes=a.check_passes, progress=sys.stderr.isatty())
+                  max_seq_len=a.max_seq_len, check_passes=a.check_passes, progress=sys.stderr.isatty(),
+                  sliding_window=a.sliding_window)
     report = llmc.last_report()
     if a.explain:
         print(report.format())
@@ -40,8 +41,11 @@ def _run(a) -> None:
     from llmc.runtime.engine import load
 
     t = time.perf_counter()
-    engine = load(a.bundle)
+    engine = load(a.bundle, kv_cache_memory=a.kv_cache_memory, kv_cache_fraction=a.kv_cache_fraction,
+                  kv_offload_memory=a.kv_offload_memory or 0, prefix_caching=not a.no_prefix_caching)
     load_s = time.perf_counter() - t
+    if a.verbose:
+        print(engine.cache.describe(), file=sys.stderr)
     if a.token_ids:
         prompt = parse_token_ids(a.prompt)
     else:
@@ -50,6 +54,8 @@ def _run(a) -> None:
                           seed=a.seed)[0]
     text = " ".join(map(str, out)) if a.token_ids or engine.tokenizer is None else a.prompt + engine.decode(out)
     print(text, flush=True)
+    if a.verbose:
+        print(f"KV {engine.kv_stats.summary()}", file=sys.stderr)
     print(f"[load {load_s * 1e3:.0f} ms; {engine.timing.summary()}]", file=sys.stderr)
 
 
@@ -91,7 +97,32 @@ def _inspect(a) -> None:
         lines.append(f"kernels     {kernels.get('kernels_compiled', '?')} compiled for "
                      f"{', '.join(kernels.get('archs') or ['?'])} ({kernels.get('distinct_kernels', '?')} distinct), "
                      "serving " + ", ".join(f"{graph} {n}" for graph, n in per_step.items()) + " launches per step")
+    lines += memory_lines(b.graph.get("memory") if isinstance(b.graph, dict) else None)
     print("\n".join(lines))
+
+
+def memory_lines(memory) -> list[str]:
+    """graph.json's "memory" section (compiler/plan.py) as inspect's lines; "?" where a hand edit broke it."""
+    from llmc.runtime.kv_cache import format_bytes
+
+    if not isinstance(memory, dict):
+        return ["memory      not planned (compiled by an older llmc; recompile to see memory figures)"]
+    block = memory.get("block_size", "?")
+    lines = [f"memory      weights {format_bytes(memory.get('weight_bytes'))}; KV cache "
+             f"{format_bytes(memory.get('kv_cache_bytes_per_token'))} per token, "
+             f"{format_bytes(memory.get('kv_cache_bytes_per_block'))} per {block}-token block"]
+    head = "activations "
+    for graph, plans in (memory.get("plans") or {}).items():
+        for p in [p for p in plans if isinstance(p, dict)] if isinstance(plans, list) else []:
+            shape = p.get("shape") or {}
+            batch, tokens, blocks = shape.get("batch", "?"), shape.get("new_tokens", "?"), shape.get("kv_blocks")
+            context = blocks * block if isinstance(blocks, int) and isinstance(block, int) else "?"
+            at = (f"{graph} batch {batch} x {tokens} tokens" if graph != "decode" else
+                  f"{graph} batch {batch}, context {context} tokens")
+            lines.append(f"{head}{at}: peak {format_bytes(p.get('peak_bytes'))} "
+                         f"({format_bytes(p.get('naive_bytes'))} without reuse)")
+            head = " " * len(head)
+    return lines
 
 
 def _verify(a) -> None:
@@ -133,6 +164,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", help="float32, bfloat16, float16 (default: the target's)")
     c.add_argument("--passes", help="comma list of passes to run, or -name,-other to drop some from the default list")
     c.add_argument("--max-seq-len", type=int, help="longest prompt + generation the bundle serves")
+    c.add_argument("--sliding-window", type=int, default=0, metavar="N",
+                   help="attention sees only the last N positions (default 0: full attention)")
     c.add_argument("--explain", action="store_true", help="print what each pass did")
     c.add_argument("--check-passes", action="store_true", help="run sample inputs after every pass and compare")
     c.set_defaults(fn=_compile)
@@ -149,6 +182,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int)
+    r.add_argument("--kv-cache-memory", metavar="SIZE",
+                   help="device KV cache budget: bytes or 512MiB, 2GiB ... (default: room for 4 max-length "
+                        "sequences, at most 90%% of free GPU memory)")
+    r.add_argument("--kv-cache-fraction", type=float, metavar="F",
+                   help="device KV cache budget as a fraction of the GPU memory free after loading weights (CUDA)")
+    r.add_argument("--kv-offload-memory", metavar="SIZE",
+                   help="host memory that preempted sequences are swapped to (default none: they are recomputed)")
+    r.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt blocks")
+    r.add_argument("-v", "--verbose", action="store_true", help="print the KV cache's size and what it did")
     r.set_defaults(fn=_run)
     i = sub.add_parser("inspect", help="describe a bundle")
     i.add_argument("bundle")

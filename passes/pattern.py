@@ -41,6 +41,7 @@ class PassContext:
     target: Any = None
     dtype: torch.dtype | None = None  # a name ("bfloat16") is accepted and turned into the torch.dtype
     max_seq_len: int | None = None  # the bundle's longest sequence: the length of tables folded at compile time
+    sliding_window: int = 0  # attend to the last N positions only (block_attention); 0 = full attention
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -49,6 +50,8 @@ class PassContext:
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {self.dtype!r}: use a torch dtype name such as bfloat16")
             self.dtype = dtype
+        if self.sliding_window < 0:
+            raise ValueError(f"sliding window {self.sliding_window} is negative: use 0 for full attention or N > 0")
 
     def note(self, message: str) -> None:
         self.notes.append(message)

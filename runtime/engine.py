@@ -2,9 +2,10 @@
 
 Each step runs one graph over a batch: newly admitted (or recompute-preempted) sequences are prefilled from
 their first uncached token (right-padded to the longest; padding never reaches a real token because attention
-is causal), running ones decode one token. The graph returns the step's keys and values; the engine writes them
-into each sequence's blocks. Before the step, it runs the block transfers the scheduler decided (copy-on-write,
-swaps to and from the host tier).
+is causal), running ones decode one token. Each step's keys and values go into the sequences' blocks at the slots
+the engine passes (slot_mapping): graphs compiled with the fuse_kv_write pass write them there themselves
+(llmc::rope_write_kv); others return them (new_k, new_v) and the engine writes them with PagedKVCache.write. Before
+the step, it runs the block transfers the scheduler decided (copy-on-write, swaps to and from the host tier).
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ class Engine:
     timing: Timing = field(default_factory=Timing)
     prefix_caching: bool = True
     kv_stats: KVStats = field(default_factory=KVStats)  # of the last generate() call
+    # Graphs that write every layer's keys and values into the cache themselves (see graph_writes_kv).
+    graphs_writing_kv: frozenset[str] = frozenset()
 
     @property
     def max_seq_len(self) -> int:
@@ -160,8 +163,11 @@ class Engine:
         reads = [b[:max(1, self.cache.pool.blocks_for(s.cached))] for s, b in zip(group, blocks)]
         table = self.cache.block_table_tensor(reads).to(dev)
         last = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
-        logits, new_k, new_v = self.graphs[kind](ids, positions, self.cache.k, self.cache.v, table, past, last)
-        self.cache.write(blocks, [s.cached for s in group], lengths, new_k, new_v)
+        starts = [s.cached for s in group]
+        slots = slot_mapping(blocks, starts, lengths, width, self.cache.block_size).to(dev)
+        logits, new_k, new_v = self.graphs[kind](ids, positions, self.cache.k, self.cache.v, table, past, last, slots)
+        if kind not in self.graphs_writing_kv:
+            self.cache.write(blocks, starts, lengths, new_k, new_v)
         for s, n in zip(group, lengths):
             s.cached += n
         return logits, sum(lengths)
@@ -174,8 +180,9 @@ class Engine:
         one = torch.zeros(1, 1, dtype=torch.long, device=dev)
         table = torch.zeros(1, 1, dtype=torch.long, device=dev)
         zero = torch.zeros(1, dtype=torch.long, device=dev)
+        nowhere = torch.full((1, 1), -1, dtype=torch.long, device=dev)  # a graph that writes the cache skips -1
         for graph in self.graphs.values():
-            graph(one, one, self.cache.k, self.cache.v, table, zero, zero)
+            graph(one, one, self.cache.k, self.cache.v, table, zero, zero, nowhere)
 
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
@@ -188,17 +195,32 @@ class Engine:
         return self.tokenizer.encode(text).ids
 
 
-def _use_shipped_kernels(kernels_dir: Path) -> None:
-    """On CUDA the llmc ops run their Triton launchers, which launch the bundle's cubins (no Triton compilation)
-    where it ships them for this GPU; what it lacks, they JIT-compile."""
-    from llmc.codegen.triton import launch
-    from llmc.runtime.kernels import KernelLibrary
+def slot_mapping(block_tables: list[list[int]], starts: list[int], lengths: list[int], width: int,
+                 block_size: int) -> torch.Tensor:
+    """[B, width] int64 (on the CPU): the flat cache slot (block * block_size + offset) of token i < lengths[b] of
+    row b, which sits at position starts[b] + i of the sequence whose blocks are block_tables[b]; -1 for the
+    padding past lengths[b]. The slots PagedKVCache.write fills, in the form the graphs take them."""
+    rows, count = [], 0
+    for b, (blocks, start, length) in enumerate(zip(block_tables, starts, lengths, strict=True)):
+        if start + length > len(blocks) * block_size:
+            raise ValueError(f"sequence {b}: positions up to {start + length} do not fit its {len(blocks)} blocks of "
+                             f"{block_size}; allocate its blocks before the step")
+        row = [blocks[p // block_size] * block_size + p % block_size for p in range(start, start + length)]
+        rows.append(row + [-1] * (width - length))
+        count += length
+    # Two tokens aimed at one slot would race in the kernel that writes them.
+    if len({slot for row in rows for slot in row if slot >= 0}) != count:
+        raise ValueError("the step writes one cache slot twice; sequences in a batch must not share the blocks "
+                         "they write")
+    return torch.tensor(rows, dtype=torch.long)
 
-    launch.register_cuda_impls()
-    library = KernelLibrary(kernels_dir) if (kernels_dir / "index.json").is_file() else None
-    if library is not None:
-        library.load_all()
-    launch.use_library(library)
+
+def graph_writes_kv(graph: dict, num_layers: int) -> bool:
+    """Whether a graph.json graph writes every layer's new keys and values into the cache itself: it calls
+    llmc::rope_write_kv (the fuse_kv_write pass) for each layer. A graph that writes only some layers (the pass
+    skipped an attention) leaves the writing to the engine, which then rewrites those layers with equal values."""
+    layers = {node["args"][9] for node in graph["nodes"] if node.get("target") == "llmc.rope_write_kv.default"}
+    return layers == set(range(num_layers))
 
 
 def _uncached(seq: Sequence) -> list[int]:
@@ -237,6 +259,9 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     bundle = open_bundle(path)
     if not bundle.has_weights:
         raise BundleError(f"{path} was compiled without weights; bind a checkpoint first (llmc compile ... --weights DIR)")
+    if "slot_mapping" not in bundle.graph.get("inputs", []):
+        raise BundleError(f"{path} was compiled by an older llmc whose graphs take no slot_mapping input; "
+                          "compile it again")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     offload = parse_memory_size(kv_offload_memory)
@@ -252,6 +277,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
         _use_shipped_kernels(bundle.path / "kernels")
     weights = bundle.load_weights(dev)
     graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
+    writing = frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, cfg["num_layers"]))
     if budget is None:
         budget = kv_cache_budget(*sizing)
     cache = PagedKVCache.from_budget(budget, cfg["num_layers"], block_size, cfg["num_kv_heads"], cfg["head_dim"],
@@ -261,7 +287,8 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
-    engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer, prefix_caching=prefix_caching)
+    engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer, prefix_caching=prefix_caching,
+                    graphs_writing_kv=writing)
     engine.warm_up()
     return engine
 

@@ -371,8 +371,11 @@ def parse_memory_size(size: int | str) -> int:
     return value
 
 
-def format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+def format_bytes(n) -> str:
+    """Bytes in binary units, as --kv-cache-memory takes them ("2.50 GiB"); "?" for what is not a byte count."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        return "?"
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
-            return f"{n / scale:.1f} {unit}"
+            return f"{n / scale:.2f} {unit}"
     return f"{n} B"

@@ -120,7 +120,7 @@ def launch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     max_context = block_table.shape[1] * block_size
     config = config or configs.pick_attention("decode", arch, head_dim, max_context, q.element_size())
     splits = num_splits or configs.decode_splits(batch, kv_heads, max_context, _sm_count(q.device, arch), config)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))  # as the templates pad it: tl.dot needs dims >= 16
     maxima = empty_output((batch, heads, splits), torch.float32, q.device, poison)
     sums = empty_output((batch, heads, splits), torch.float32, q.device, poison)
     accs = empty_output((batch, heads, splits, block_d), torch.float32, q.device, poison)

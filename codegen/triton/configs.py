@@ -72,7 +72,7 @@ SHARED_MEMORY = {"sm_75": 64 * 1024, "sm_80": 163 * 1024, "sm_86": 99 * 1024, "s
 
 ATTENTION_OPS = ("causal_attention", "paged_attention")
 _FAMILY = {"rms_norm": "row_norm", "add_rms_norm": "row_norm", "norm_linear": "gemm", "add_norm_linear": "gemm",
-           "rope": "rope"}
+           "rope": "rope", "rope_write_kv": "rope"}
 
 
 def shape_class(m: int) -> str:

@@ -124,22 +124,23 @@ def launch_add_norm_linear(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return _linear("add_norm_linear", x, residual, weight, bias, eps, norm, epilogue, config, poison)
 
 
-def launch_rope(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-                norm_weight: torch.Tensor | None, eps: float, *, config: Config | None = None,
-                poison: bool = False) -> torch.Tensor:
+def _rope(op: str, x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+          norm_weight: torch.Tensor | None, eps: float, config: Config | None, poison: bool,
+          write: tuple | None = None) -> torch.Tensor:
+    """rope's launch; with write = (v, k_cache_layer, v_cache_layer, slots), rope_write_kv's (one kernel)."""
     if x.dim() != 4:
-        raise ValueError(f"rope: x has shape {tuple(x.shape)}; expected [batch, seq, heads, head_dim]")
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; expected [batch, seq, heads, head_dim]")
     batch, seq, heads, head_dim = x.shape
     if head_dim % 2:
-        raise ValueError(f"rope: head_dim {head_dim} must be even (the rotation pairs halves)")
+        raise ValueError(f"{op}: head_dim {head_dim} must be even (the rotation pairs halves)")
     if positions.shape != (batch, seq):
-        raise ValueError(f"rope: positions {tuple(positions.shape)} must be [batch, seq] = ({batch}, {seq})")
+        raise ValueError(f"{op}: positions {tuple(positions.shape)} must be [batch, seq] = ({batch}, {seq})")
     for name, table in (("cos_table", cos_table), ("sin_table", sin_table)):
         if table.dim() != 2 or table.shape[1] != head_dim or table.dtype != torch.float32:
-            raise ValueError(f"rope: {name} {tuple(table.shape)} {table.dtype} must be [max_len, {head_dim}] "
+            raise ValueError(f"{op}: {name} {tuple(table.shape)} {table.dtype} must be [max_len, {head_dim}] "
                              "float32")
     if norm_weight is not None:
-        _check_last_dim(x, norm_weight, "rope norm")
+        _check_last_dim(x, norm_weight, f"{op} norm")
     out_dtype = torch.promote_types(norm_weight.dtype, x.dtype) if norm_weight is not None else x.dtype
     out = _empty(x.shape, out_dtype, x.device, poison)
     tokens = batch * seq
@@ -147,20 +148,51 @@ def launch_rope(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tenso
         return out
     if x.stride(-1) != 1:
         x = x.contiguous()
-    config = config or configs.pick("rope", current_arch(x.device), tokens, heads, head_dim)
+    config = config or configs.pick(op, current_arch(x.device), tokens, heads, head_dim)
     block_h = min(triton.next_power_of_2(config.block_m), triton.next_power_of_2(heads))
-    kernel = load("rope", dtype=_dtype_name(x, "x"), out_dtype=_dtype_name(out, "output"), heads=heads,
+    kernel = load(op, dtype=_dtype_name(x, "x"), out_dtype=_dtype_name(out, "output"), heads=heads,
                   head_dim=head_dim, has_norm=norm_weight is not None, block_h=block_h, num_warps=config.num_warps)
     args = [x, positions.contiguous(), cos_table.contiguous(), sin_table.contiguous()]
     if norm_weight is not None:
         args.append(norm_weight.contiguous())
-    args += [out, seq, x.stride(0), x.stride(1), x.stride(2), eps]
+    args.append(out)
+    if write is not None:
+        v, k_cache_layer, v_cache_layer, slots = write
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        args += [v, slots.contiguous(), k_cache_layer, v_cache_layer]
+    args += [seq, x.stride(0), x.stride(1), x.stride(2)]
+    if write is not None:
+        args += [v.stride(0), v.stride(1), v.stride(2)]
+    args.append(eps)
     kernel[(tokens, triton.cdiv(heads, block_h))](*args, num_warps=config.num_warps)
     return out
 
 
+def launch_rope(x: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+                norm_weight: torch.Tensor | None, eps: float, *, config: Config | None = None,
+                poison: bool = False) -> torch.Tensor:
+    return _rope("rope", x, positions, cos_table, sin_table, norm_weight, eps, config, poison)
+
+
+def launch_rope_write_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor,
+                         sin_table: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, layer: int, slots: torch.Tensor, *, config: Config | None = None,
+                         poison: bool = False) -> torch.Tensor:
+    """rope's kernel, which also stores the rotated keys and v at their slots of layer `layer` of the caches. The
+    slots are not checked against the caches' size here (that would read them back from the GPU every step):
+    the runtime computes them from blocks it allocated."""
+    out_dtype = torch.promote_types(norm_weight.dtype, k.dtype) if norm_weight is not None else k.dtype
+    ops.check_kv_write(k, v, out_dtype, k_cache, v_cache, layer, slots)
+    k_layer, v_layer = k_cache.select(0, layer), v_cache.select(0, layer)
+    if not (k_layer.is_contiguous() and v_layer.is_contiguous()):
+        raise ValueError("rope_write_kv: each layer of the caches must be contiguous [NB, BS, Hkv, D], as "
+                         "PagedKVCache allocates them")
+    return _rope("rope_write_kv", k, positions, cos_table, sin_table, norm_weight, eps, config, poison,
+                 (v, k_layer, v_layer, slots))
+
+
 LAUNCHERS = {"rms_norm": launch_rms_norm, "add_rms_norm": launch_add_rms_norm, "norm_linear": launch_norm_linear,
-             "add_norm_linear": launch_add_norm_linear, "rope": launch_rope,
+             "add_norm_linear": launch_add_norm_linear, "rope": launch_rope, "rope_write_kv": launch_rope_write_kv,
              "causal_attention": launch_causal_attention, "paged_attention": launch_paged_attention}
 # The kernels (templates) each launcher may launch: KernelSpec.op names these.
 KERNELS = {op: (op,) for op in LAUNCHERS} | {"causal_attention": ("attention_prefill",),
@@ -205,4 +237,13 @@ def example_inputs(op: str, shapes: dict, dtype: torch.dtype, device: str, *, no
         positions = torch.randint(0, max_len, (1, m), device=device)
         weight = rand(k) if with_norm_weight else None
         return rand(1, m, n, k), positions, angles.cos(), angles.sin(), weight, eps
+    if op == "rope_write_kv":
+        max_len, block_size = max(m, 16), 16
+        angles = torch.rand(max_len, k, device=device) * 6.28
+        positions = torch.randint(0, max_len, (1, m), device=device)
+        weight = rand(k) if with_norm_weight else None
+        num_blocks = -(-m // block_size) + 1
+        caches = [rand(1, num_blocks, block_size, n, k) for _ in range(2)]
+        slots = torch.randperm(num_blocks * block_size, device=device)[:m].view(1, m)
+        return rand(1, m, n, k), rand(1, m, n, k), positions, angles.cos(), angles.sin(), weight, eps, *caches, 0, slots
     raise ValueError(f"no Triton kernel for op {op!r}; known: {', '.join(LAUNCHERS)}")

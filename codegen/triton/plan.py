@@ -96,6 +96,21 @@ def kernel_specs(gm: fx.GraphModule, arch: str) -> list[KernelSpec]:
     return [dataclasses.replace(spec, launches=len(names)) for spec, names in sites.values()]
 
 
+def launches_per_step(gm: fx.GraphModule, arch: str, size: int) -> int:
+    """Kernel launches one run of gm makes on `arch` with every symbolic dim `size` (a paged decode attention
+    call launches two: split-K partials and their combine)."""
+    count = 0
+    for node in gm.graph.nodes:
+        op = llmc_op(node)
+        if op is None or op not in launch.LAUNCHERS:
+            continue
+        args, kwargs = _meta_arguments(gm, node, size)
+        with launch.recording(arch) as recorder:
+            launch.LAUNCHERS[op](*args, **kwargs)
+        count += len(recorder.specs)
+    return count
+
+
 def _identity(spec: KernelSpec) -> tuple:
     """Equal for specs that compile to the same cubin (the kernel name is a hash of its source)."""
     return (spec.name, tuple(spec.signature.items()), tuple(sorted(spec.constexprs.items())), spec.num_warps,

@@ -34,12 +34,16 @@ SPEC_KEYS = {
     "norm_linear": _GEMM,
     "add_norm_linear": _GEMM,
     "rope": ("dtype", "out_dtype", "heads", "head_dim", "has_norm", "block_h", "num_warps"),
+    "rope_write_kv": ("dtype", "out_dtype", "heads", "head_dim", "has_norm", "block_h", "num_warps"),
     "attention_prefill": ("dtype", "heads", "kv_heads", "head_dim", "paged", "windowed", "cache_block_size",
                           "block_m", "block_n", "num_warps", "num_stages"),
     "attention_decode": ("dtype", "heads", "kv_heads", "head_dim", "windowed", "cache_block_size", "block_h",
                          "block_n", "num_warps", "num_stages"),
     "attention_combine": ("dtype", "head_dim", "block_s", "num_warps"),
 }
+
+# Ops rendered from another op's template, which branches on `op` (rope_write_kv: rope's kernel plus the stores).
+TEMPLATE_OF = {"rope_write_kv": "rope"}
 
 _environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                                   keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
@@ -63,8 +67,8 @@ def render(op: str, **spec) -> tuple[str, str]:
     hash of the source, so equal sources share a name and a cache file."""
     _check(op, spec)
     spec_line = ", ".join(f"{key}={spec[key]}" for key in sorted(spec))
-    source = _environment.get_template(f"{op}.py.j2").render(**spec, op=op, kernel_name=_NAME_SLOT,
-                                                              spec_line=spec_line)
+    template = _environment.get_template(f"{TEMPLATE_OF.get(op, op)}.py.j2")
+    source = template.render(**spec, op=op, kernel_name=_NAME_SLOT, spec_line=spec_line)
     name = f"llmc_{op}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
     return source.replace(_NAME_SLOT, name), name
 

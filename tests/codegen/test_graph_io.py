@@ -19,12 +19,12 @@ def traced():
 
 
 def random_inputs(model, batch, seq):
-    ids, pos, k, v, table, past, last = example_inputs(model, batch, seq, 16)
+    ids, pos, k, v, table, past, last, slots = example_inputs(model, batch, seq, 16)
     ids = torch.randint(0, model.config.vocab_size, ids.shape)
     k, v = torch.randn_like(k), torch.randn_like(v)
     table = torch.randint(0, k.shape[1], table.shape)
     past = torch.randint(0, table.shape[1] * 16, (batch,))
-    return ids, past[:, None] + torch.arange(seq), k, v, table, past, torch.randint(0, seq, (batch,))
+    return ids, past[:, None] + torch.arange(seq), k, v, table, past, torch.randint(0, seq, (batch,)), slots
 
 
 @pytest.mark.parametrize("index", [0, 1])

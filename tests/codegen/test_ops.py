@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -219,3 +221,73 @@ def test_attention_refuses_mismatched_heads():
     q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         torch.ops.llmc.causal_attention(q, k, k, 0.3, 0)
+
+
+# ---- rope_write_kv: llmc::rope plus the KV-cache write --------------------------------------------------------
+
+def kv_write_inputs(dtype, with_norm, batch=3, seq=5, kv_heads=2, head_dim=12, layers=3, blocks=7, block_size=4):
+    """Random keys/values/caches; distinct slots scattered over the blocks, the last row's tail padding (-1)."""
+    k, v = (torch.randn(batch, seq, kv_heads, head_dim).to(dtype) for _ in range(2))
+    angles = torch.rand(40, head_dim) * 6.28
+    weight = (1 + 0.3 * torch.randn(head_dim)).to(dtype) if with_norm else None
+    caches = [torch.randn(layers, blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2)]
+    slots = torch.randperm(blocks * block_size)[: batch * seq].view(batch, seq)
+    slots[-1, seq - 2:] = -1
+    return [k, v, torch.randint(0, 40, (batch, seq)), angles.cos(), angles.sin(), weight, 1e-6, *caches, 1, slots]
+
+
+def written_by_hand(cache, layer, slots, new):
+    """cache with new[b, s] at slot slots[b, s] of `layer`, token by token (-1: nothing)."""
+    cache, block_size = cache.clone(), cache.shape[2]
+    for (b, s), slot in zip(torch.cartesian_prod(*map(torch.arange, slots.shape)).tolist(), slots.flatten().tolist()):
+        if slot >= 0:
+            cache[layer, slot // block_size, slot % block_size] = new[b, s]
+    return cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_rope_write_kv_is_rope_and_writes_the_slots(dtype, with_norm):
+    args = kv_write_inputs(dtype, with_norm)
+    k, v, positions, cos, sin, weight, eps, k_cache, v_cache, layer, slots = args
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = torch.ops.llmc.rope_write_kv(*args)
+    rotated = torch.ops.llmc.rope(k, positions, cos, sin, weight, eps)
+    assert torch.equal(out, rotated) and out.dtype == dtype
+    assert torch.equal(k_cache, written_by_hand(k_before, layer, slots, rotated))
+    assert torch.equal(v_cache, written_by_hand(v_before, layer, slots, v))
+    assert not torch.equal(k_cache, k_before)  # it wrote something
+
+
+def test_rope_write_kv_refuses_what_the_caches_cannot_hold():
+    args = kv_write_inputs(torch.bfloat16, True)
+    cases = [(5, torch.randn(12), "model's dtype"),  # an fp32 norm weight rotates bf16 keys into fp32
+             (9, 3, "outside the caches' 3 layers"), (10, args[10][:, :2], "slots"),
+             (7, args[7][..., :4], "caches")]
+    for index, value, message in cases:
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(ValueError, match=message):
+            torch.ops.llmc.rope_write_kv(*bad)
+
+
+def test_rope_write_kv_fake_opcheck_and_dead_code_elimination():
+    from llmc.codegen.graph_io import graph_from_json, graph_to_json
+
+    args = kv_write_inputs(torch.bfloat16, True)
+    torch.library.opcheck(torch.ops.llmc.rope_write_kv.default, tuple(args))
+    with FakeTensorMode() as mode:
+        fake = torch.ops.llmc.rope_write_kv(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert fake.shape == args[0].shape and fake.dtype == torch.bfloat16
+    # A graph that drops the rotated keys: the write is the node's only effect, so DCE must keep it.
+    graph = torch.fx.Graph()
+    inputs = [graph.placeholder(f"a{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
+    write = graph.call_function(torch.ops.llmc.rope_write_kv.default, tuple(inputs))
+    graph.output(inputs[1])
+    assert write.is_impure() and not graph.eliminate_dead_code()
+    rebuilt = graph_from_json(json.loads(json.dumps(graph_to_json(torch.fx.GraphModule({}, graph)))), {})
+    assert [n.target for n in rebuilt.graph.nodes if n.op == "call_function"] == [write.target]
+    fresh, expected = ([a.clone() if isinstance(a, torch.Tensor) else a for a in args] for _ in range(2))
+    torch.ops.llmc.rope_write_kv(*expected)
+    rebuilt(*[a for a in fresh if isinstance(a, torch.Tensor)])
+    assert torch.equal(fresh[7], expected[7]) and torch.equal(fresh[8], expected[8])

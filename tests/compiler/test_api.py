@@ -28,7 +28,8 @@ def test_greedy_tokens_match_transformers(tiny_hf_checkpoint, tmp_path, family, 
     report = llmc.last_report()
     layers = 3
     expected = {"fuse_rms_norm": (4 if family == "qwen3" else 2) * layers + 1, "fold_rope": 2 * layers + 1,
-                "merge_projections": 2 * layers, "fuse_add_norm": 2 * layers, "fuse_norm_linear": 2 * layers + 1}
+                "fuse_kv_write": layers, "merge_projections": 2 * layers, "fuse_add_norm": 2 * layers,
+                "fuse_norm_linear": 2 * layers + 1}
     for graph in report.pipelines:
         counts = {r.name: r.rewrites for r in graph.records}
         assert {k: counts[k] for k in expected} == expected, graph.format()
@@ -62,3 +63,62 @@ def test_check_passes_names_the_broken_pass(tiny_hf_checkpoint, tmp_path, monkey
     with pytest.raises(PassCheckError, match="break_eps"):
         llmc.compile(ckpt.path, target="cpu", out=tmp_path / "bad.llmc", check_passes=True)
     assert not (tmp_path / "bad.llmc").exists()
+
+
+@pytest.mark.parametrize("window", [0, 8], ids=["full", "sliding-window-8"])
+def test_a_prompt_over_several_kv_blocks_gives_transformers_tokens(tiny_hf_checkpoint, tmp_path, window):
+    """A 70-token prompt (five 16-token KV blocks) and 24 greedy tokens through block attention over the paged
+    cache; with --sliding-window 8, transformers' own sliding-window Qwen3 (same weights) is the reference."""
+    import copy
+    import json
+
+    from transformers import Qwen3ForCausalLM
+
+    ckpt = tiny_hf_checkpoint("qwen3")
+    bundle = llmc.compile(ckpt.path, target="cpu", out=tmp_path / "b.llmc", sliding_window=window)
+    for graph in llmc.last_report().pipelines:
+        assert {r.name: r.rewrites for r in graph.records}["block_attention"] == 2, graph.format()
+    assert json.loads((bundle / "manifest.json").read_text())["sliding_window"] == window
+    reference = ckpt.model
+    if window:
+        config = copy.deepcopy(ckpt.model.config)
+        config.use_sliding_window, config.sliding_window, config.max_window_layers = True, window, 0
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+        reference = Qwen3ForCausalLM(config).eval()
+        reference.load_state_dict(ckpt.model.state_dict())
+    prompt = torch.randint(0, 97, (70,)).tolist()
+    want = hf_greedy(reference, prompt, 24)
+    assert llmc.load(bundle).generate([prompt], max_new_tokens=24) == [want]
+    if window:  # the window matters: full attention continues differently
+        assert hf_greedy(ckpt.model, prompt, 24) != want
+
+
+def test_yarn_to_128k_compiles_without_weights(tmp_path):
+    """Qwen3's long-context config (YaRN x4 over 32K) compiles from config.json alone for 131072 positions."""
+    import json
+
+    from llmc.models import ModelConfig
+
+    cfg = ModelConfig(family="qwen3", vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
+                      num_kv_heads=2, head_dim=8, qk_norm=True, rope_theta=1e6, max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
+    (tmp_path / "qwen3-yarn").mkdir()
+    (tmp_path / "qwen3-yarn" / "config.json").write_text(json.dumps(cfg.to_hf()))
+    bundle = llmc.compile(tmp_path / "qwen3-yarn", target="cpu", out=tmp_path / "y.llmc", weights=False,
+                          max_seq_len=131072)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["max_seq_len"] == 131072 and manifest["model"]["rope_scaling"]["rope_type"] == "yarn"
+    for graph in llmc.last_report().pipelines:
+        counts = {r.name: r.rewrites for r in graph.records}
+        assert counts["fold_rope"] == 2 * 2 + 1 and counts["block_attention"] == 2, graph.format()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sliding_window=-4), "must be a whole number >= 0"),
+    (dict(sliding_window=8, passes="-block_attention"), "applied by the block_attention pass"),
+    (dict(sliding_window=8, check_passes=True), "changes on purpose"),
+])
+def test_sliding_window_options_that_cannot_work_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llmc.compile("qwen3-0.6b", target="cpu", out=tmp_path / "w.llmc", **kwargs)
+    assert not (tmp_path / "w.llmc").exists()

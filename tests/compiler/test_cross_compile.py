@@ -18,12 +18,17 @@ from llmc.runtime.kernels import cubin_arch, read_index
 from llmc.targets import get_target
 
 
-def llmc_calls(graph: dict) -> int:
-    """Calls of llmc ops with a Triton launcher in a graph.json graph: one kernel launch each."""
+def llmc_calls(graph: dict, ops=None) -> int:
+    """Calls of llmc ops with a Triton launcher (or of `ops`) in a graph.json graph."""
     from llmc.codegen.triton.launch import LAUNCHERS
 
     return sum(node["op"] == "call_function" and str(node.get("target")).split(".")[:2] in
-               [["llmc", op] for op in LAUNCHERS] for node in graph["nodes"])
+               [["llmc", op] for op in ops or LAUNCHERS] for node in graph["nodes"])
+
+
+def launches(name: str, graph: dict) -> int:
+    """One kernel launch per llmc call, plus the combine kernel of each split-K paged attention in decode."""
+    return llmc_calls(graph) + (llmc_calls(graph, ["paged_attention"]) if name == "decode" else 0)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +64,8 @@ def test_qwen3_8b_ships_sm80_cubins_of_each_distinct_kernel(qwen3_8b):
 def test_qwen3_8b_kernels_serve_every_layer(qwen3_8b):
     path, report, _ = qwen3_8b
     graphs = json.loads((path / "graph.json").read_text())["graphs"]
-    per_step = {name: llmc_calls(graph) for name, graph in graphs.items()}
+    per_step = {name: launches(name, graph) for name, graph in graphs.items()}
+    assert llmc_calls(graphs["decode"], ["paged_attention"]) == 36
     assert report.kernels["launches_per_step"] == per_step
     assert report.kernels["launches_served"] == sum(per_step.values())
     layers = 36

@@ -27,8 +27,8 @@ def foundation_passes(monkeypatch):
 def test_real_pipeline_order():
     assert [(phase, name) for phase, name, _ in REAL_PASSES] == [
         ("cleanup", "strip_asserts"), ("canonicalize", "fuse_rms_norm"), ("fold", "fold_rope"),
-        ("fold", "fold_constants"), ("fusion", "merge_projections"), ("fusion", "fuse_add_norm"),
-        ("fusion", "fuse_norm_linear")]
+        ("fold", "fold_constants"), ("fusion", "block_attention"), ("fusion", "fuse_kv_write"),
+        ("fusion", "merge_projections"), ("fusion", "fuse_add_norm"), ("fusion", "fuse_norm_linear")]
 
 
 def test_resolve_passes():
@@ -71,6 +71,7 @@ def step_inputs(cfg: ModelConfig, seq: int) -> tuple:
         torch.randperm(num_blocks)[:batch * max_blocks].view(batch, max_blocks),
         past_lens,
         torch.full((batch,), seq - 1),
+        torch.full((batch, seq), -1),
     )
 
 

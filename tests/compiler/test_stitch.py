@@ -26,7 +26,7 @@ def step_inputs(cfg, batch, seq, block_size=8, num_blocks=9, max_blocks=4):
     cache = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     return (torch.randint(0, cfg.vocab_size, (batch, seq)), past[:, None] + torch.arange(seq), torch.randn(cache),
             torch.randn(cache), torch.randint(0, num_blocks, (batch, max_blocks)), past,
-            torch.randint(0, seq, (batch,)))
+            torch.randint(0, seq, (batch,)), torch.full((batch, seq), -1))
 
 
 @pytest.mark.parametrize("family", CONFIGS)

@@ -20,7 +20,8 @@ def step_inputs(cfg, batch, seq, num_blocks, max_blocks, block_size=8):
     past = torch.randint(0, max_blocks * block_size, (batch,))
     cache = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     return (torch.randint(0, cfg.vocab_size, (batch, seq)), past[:, None] + torch.arange(seq), torch.randn(cache),
-            torch.randn(cache), torch.randint(0, num_blocks, (batch, max_blocks)), past, torch.randint(0, seq, (batch,)))
+            torch.randn(cache), torch.randint(0, num_blocks, (batch, max_blocks)), past, torch.randint(0, seq, (batch,)),
+            torch.full((batch, seq), -1))
 
 
 @pytest.mark.parametrize("name,batch,seq,num_blocks,max_blocks", [
@@ -38,6 +39,8 @@ def test_signature_and_decode_specialisation(traced):
     _, graphs = traced
     for gm in graphs.values():
         assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == list(INPUT_NAMES)
+        # The model never reads slot_mapping; export keeps it as an input for the fuse_kv_write pass.
+        assert not next(n for n in gm.graph.nodes if n.target == "slot_mapping").users
         assert not [n for n in gm.graph.nodes if n.op == "get_attr" and "." in n.target]
 
     def seq_sizes(gm):

@@ -98,6 +98,55 @@ def test_inspect_describes_the_bundle(bundle):
     assert json.loads(as_json.stdout) == json.loads((bundle / "manifest.json").read_text())
 
 
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def assert_bytes(printed: str, expected: int) -> None:
+    """A figure as inspect prints it ("4.10 KiB"): equal to `expected` up to the printed rounding."""
+    value, unit = printed.split()
+    assert abs(float(value) * UNITS[unit] - expected) <= 0.005 * UNITS[unit], (printed, expected)
+
+
+def test_inspect_reports_memory(bundle):
+    result = llmc_cli("inspect", bundle)
+    assert result.returncode == 0, result.stderr
+    figure = r"(\d+(?:\.\d+)? (?:[KMG]i)?B)"
+    memory = re.search(rf"^memory\s+weights {figure}; KV cache {figure} per token, {figure} per 16-token block$",
+                       result.stdout, re.MULTILINE)
+    assert memory, result.stdout
+    stored = sum(end - start for shard in bundle.glob("weights/*.safetensors")
+                 for name, entry in safetensors_header(shard).items() if name != "__metadata__"
+                 for start, end in [entry["data_offsets"]])
+    assert_bytes(memory[1], stored)
+    per_token = 2 * TINY_SHAPE["num_hidden_layers"] * TINY_SHAPE["num_key_value_heads"] * TINY_SHAPE["head_dim"] * 4
+    assert_bytes(memory[2], per_token)
+    assert_bytes(memory[3], per_token * 16)
+    rows = re.findall(rf"^(?:activations)?\s+(prefill batch 1 x {MAX_SEQ_LEN} tokens|decode batch \d+, context "
+                      rf"{MAX_SEQ_LEN} tokens): peak {figure} \({figure} without reuse\)$", result.stdout, re.MULTILINE)
+    shapes = [shape for shape, _, _ in rows]
+    assert shapes == [f"prefill batch 1 x {MAX_SEQ_LEN} tokens", f"decode batch 1, context {MAX_SEQ_LEN} tokens",
+                      f"decode batch 32, context {MAX_SEQ_LEN} tokens"], result.stdout
+    plans = json.loads((bundle / "graph.json").read_text())["memory"]["plans"]
+    for (_, peak, naive), plan in zip(rows, [*plans["prefill"], *plans["decode"]]):
+        assert_bytes(peak, plan["peak_bytes"])
+        assert_bytes(naive, plan["naive_bytes"])
+        assert plan["peak_bytes"] < plan["naive_bytes"]
+    # Decode at batch 32 holds 32 rows of logits at the end: a floor no plan can go under.
+    assert plans["decode"][1]["peak_bytes"] >= 32 * TINY_SHAPE["vocab_size"] * 4
+
+
+def test_inspect_of_a_bundle_without_a_memory_plan_says_to_recompile(bundle, tmp_path):
+    old = tmp_path / "old.llmc"
+    shutil.copytree(bundle, old)
+    graph = json.loads((old / "graph.json").read_text())
+    del graph["memory"]
+    (old / "graph.json").write_text(json.dumps(graph))
+    result = llmc_cli("inspect", old)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^memory\s+not planned .*recompile", result.stdout, re.MULTILINE), result.stdout
+    assert "activations" not in result.stdout
+
+
 def test_verify_accepts_an_untouched_bundle(bundle):
     result = llmc_cli("verify", bundle)
     assert result.returncode == 0, result.stderr

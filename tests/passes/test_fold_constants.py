@@ -155,7 +155,8 @@ def ours(family, dtype):
     ids = torch.randint(0, SIZES["vocab_size"], inputs[0].shape)
     k, v = torch.randn(inputs[2].shape).to(dtype), torch.randn(inputs[3].shape).to(dtype)
     table = torch.randperm(k.shape[1])[: inputs[4].numel()].view(inputs[4].shape)
-    step = (ids, torch.randint(0, 60, (3, 1)) + torch.arange(5), k, v, table, torch.randint(0, 48, (3,)), inputs[6])
+    step = (ids, torch.randint(0, 60, (3, 1)) + torch.arange(5), k, v, table, torch.randint(0, 48, (3,)), inputs[6],
+            inputs[7])
     return prepared(trace(model, 16)[0].gm), step
 
 

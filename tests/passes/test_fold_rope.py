@@ -78,7 +78,7 @@ def our_graphs():
 def step_inputs(model: Transformer, graph: str) -> tuple:
     """A random paged step whose positions reach MAX_LEN - 1 in the first sequence."""
     seq = 5 if graph == "prefill" else 1
-    ids, _, k, v, table, past, last = example_inputs(model, 3, seq, BLOCK)
+    ids, _, k, v, table, past, last, slots = example_inputs(model, 3, seq, BLOCK)
     ids = torch.randint(0, SIZES["vocab_size"], ids.shape)
     k, v = torch.randn(k.shape).to(k.dtype), torch.randn(v.shape).to(v.dtype)
     table = torch.randperm(k.shape[1])[: table.numel()].view(table.shape)
@@ -86,7 +86,7 @@ def step_inputs(model: Transformer, graph: str) -> tuple:
     starts[0] = MAX_LEN - seq
     positions = starts[:, None] + torch.arange(seq)
     past = torch.randint(0, table.shape[1] * BLOCK, (3,))
-    return ids, positions, k, v, table, past, last
+    return ids, positions, k, v, table, past, last, slots
 
 
 @pytest.mark.parametrize("graph", ["prefill", "decode"])
@@ -201,6 +201,44 @@ def test_transformers_rotations_become_rope_ops(family):
     torch.testing.assert_close(gm.model_rotary_emb_inv_freq_cos_table, cos[0], **TOLERANCES[torch.float32])
     torch.testing.assert_close(gm.model_rotary_emb_inv_freq_sin_table, sin[0], **TOLERANCES[torch.float32])
     torch.testing.assert_close(gm(ids), expected, **TOLERANCES[dtype])
+
+
+# ---- long context: Qwen3's YaRN recipe to 128K positions -----------------------------------------------------
+
+LONG = 131072
+YARN_128K = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+def test_yarn_to_128k_tables_match_transformers_at_the_last_positions():
+    """YaRN x4 over 32K positions (max_position_embeddings 131072), tables folded for 131072 positions: the rows
+    the longest sequences read, where float32 angles are largest, equal transformers' rotary embedding, and a
+    decode step there gives the unfolded graph's outputs."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+    cfg = ModelConfig(family="qwen3", num_layers=1, qk_norm=True, rms_norm_eps=EPS, rope_theta=1e6,
+                      rope_scaling=YARN_128K, max_position_embeddings=LONG, **SIZES)
+    model = Transformer(cfg)
+    randomize(model)
+    model.eval()
+    gm = prepared(trace(model, BLOCK)[1].gm)  # decode
+    ids, _, k, v, table, _, last, slots = example_inputs(model, 3, 1, BLOCK)
+    positions = torch.tensor([[LONG - 1], [LONG - 2], [int(torch.randint(LONG - 4096, LONG, ()))]])
+    inputs = (torch.randint(0, SIZES["vocab_size"], ids.shape), positions, torch.randn(k.shape), torch.randn(v.shape),
+              torch.randperm(k.shape[1])[: table.numel()].view(table.shape), torch.randint(1, 3 * BLOCK, (3,)), last,
+              slots)
+    expected = gm(*inputs)
+
+    assert fold_rope.run(gm, PassContext(max_seq_len=LONG)) == 3
+    finish(gm)
+    hf = Qwen3Config(head_dim=SIZES["head_dim"], max_position_embeddings=LONG,
+                     rope_parameters={"rope_theta": 1e6, **YARN_128K})
+    cos, sin = Qwen3RotaryEmbedding(hf)(torch.zeros(1), torch.arange(LONG - 256, LONG)[None])
+    assert gm.inv_freq_cos_table.shape == gm.inv_freq_sin_table.shape == (LONG, SIZES["head_dim"])
+    assert float(cos.abs().max()) > 1.1  # YaRN's attention factor (1 + 0.1 ln 4) is in the tables
+    torch.testing.assert_close(gm.inv_freq_cos_table[-256:], cos[0], **TOLERANCES[torch.float32])
+    torch.testing.assert_close(gm.inv_freq_sin_table[-256:], sin[0], **TOLERANCES[torch.float32])
+    for got, want in zip(gm(*inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])
 
 
 # ---- what must not fold ---------------------------------------------------------------------------------------

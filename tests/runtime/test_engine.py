@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import llmc
-from llmc.runtime.engine import PromptTooLongError
+from llmc.runtime.engine import PromptTooLongError, slot_mapping
 
 
 def random_prompts(n, low=1, high=40, vocab=97, seed=None):
@@ -187,6 +187,43 @@ def test_an_interrupted_generate_gives_its_blocks_back(tiny_bundle):
     assert pool.num_free == pool.num_blocks and pool.num_cached == 0 and host.num_free == host.num_blocks
     engine.graphs["decode"] = decode
     assert engine.generate(prompts, max_new_tokens=10) == want
+
+
+def test_slot_mapping_follows_the_block_tables():
+    tables = [[5, 2, 7], [3], [4, 0]]
+    slots = slot_mapping(tables, [14, 1, 6], [4, 2, 1], 4, 8)
+    assert slots.dtype == torch.long and slots.tolist() == [
+        [2 * 8 + 6, 2 * 8 + 7, 7 * 8 + 0, 7 * 8 + 1],  # positions 14..17 cross from block 2 into block 7
+        [3 * 8 + 1, 3 * 8 + 2, -1, -1],  # padding past the row's length is -1
+        [4 * 8 + 6, -1, -1, -1]]
+    with pytest.raises(ValueError, match="allocate its blocks"):
+        slot_mapping([[1]], [7], [2], 2, 8)
+    with pytest.raises(ValueError, match="one cache slot twice"):
+        slot_mapping([[1], [1]], [0, 0], [1, 1], 1, 8)
+
+
+def test_graphs_that_write_the_cache_give_the_tokens_of_the_engines_write(tiny_bundle, tmp_path):
+    """The default bundle's graphs write the KV cache (fuse_kv_write); compiled without that pass, the engine writes
+    new_k / new_v itself. Same greedy tokens, through prefix sharing, forks and copy-on-write."""
+    ckpt, bundle = tiny_bundle
+    unfused = llmc.compile(ckpt.path, target="cpu", out=tmp_path / "unfused.llmc", passes="-fuse_kv_write")
+    engines = {"graph": llmc.load(bundle, max_batch=8), "engine": llmc.load(unfused, max_batch=8)}
+    assert engines["graph"].graphs_writing_kv == {"prefill", "decode"}
+    assert engines["engine"].graphs_writing_kv == frozenset()
+    writes = {}
+    for who, engine in engines.items():
+        writes[who] = 0
+
+        def counted(*args, who=who, write=engine.cache.write):
+            writes[who] += 1
+            return write(*args)
+
+        engine.cache.write = counted
+    prompts = shared_prefix_prompts()
+    tokens = {who: engine.generate(prompts, max_new_tokens=12) for who, engine in engines.items()}
+    assert tokens["graph"] == tokens["engine"]
+    assert writes["graph"] == 0 and writes["engine"] > 0
+    assert engines["graph"].kv_stats.copy_on_write >= 1  # the twins: a shared block written after a fork
 
 
 @pytest.mark.gpu

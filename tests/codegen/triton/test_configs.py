@@ -5,7 +5,7 @@ from llmc.codegen.triton import configs
 from llmc.codegen.triton.configs import (ARCHS, SHARED_MEMORY, Config, autotune, candidates, fit_shared_memory,
                                          pick, shape_class, tuning_key)
 
-OPS = ["rms_norm", "add_rms_norm", "norm_linear", "add_norm_linear", "rope"]
+OPS = ["rms_norm", "add_rms_norm", "norm_linear", "add_norm_linear", "rope", "rope_write_kv"]
 
 
 def test_decode_and_prefill_shape_classes():

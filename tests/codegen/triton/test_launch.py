@@ -6,7 +6,7 @@ from llmc.codegen.triton.launch import LAUNCHERS, current_arch, example_inputs, 
 
 SHAPES = {"rms_norm": {"m": 3, "n": 80}, "add_rms_norm": {"m": 3, "n": 80},
           "norm_linear": {"m": 3, "n": 40, "k": 80}, "add_norm_linear": {"m": 3, "n": 40, "k": 80},
-          "rope": {"m": 3, "n": 2, "k": 8},
+          "rope": {"m": 3, "n": 2, "k": 8}, "rope_write_kv": {"m": 3, "n": 2, "k": 8},
           "causal_attention": {"b": 2, "s": 5, "h": 4, "kv": 2, "d": 16, "window": 3},
           "paged_attention": {"b": 2, "s": 3, "h": 4, "kv": 2, "d": 16, "past": 6, "bs": 4}}
 

@@ -142,7 +142,18 @@ def every_op_graph():
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {1: blocks}, {1: blocks}, {0: batch, 1: table_width},
               {0: batch})
     inputs = (x, positions, cache, cache.clone(), block_table, past_lens)
-    return torch.export.export(model, inputs, dynamic_shapes=shapes).run_decompositions({}).module()
+    gm = torch.export.export(model, inputs, dynamic_shapes=shapes).run_decompositions({}).module()
+    # rope_write_kv mutates the caches, which export would functionalize: like the fuse_kv_write pass, insert it
+    # into the exported graph, on the paged attention's k and v (positions stand in for the [B, S] int64 slots).
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rope = next(n for n in gm.graph.nodes if n.target == torch.ops.llmc.rope.default)
+    paged = next(n for n in gm.graph.nodes if n.target == torch.ops.llmc.paged_attention.default)
+    k, v = paged.args[1:3]
+    with gm.graph.inserting_before(paged):
+        gm.graph.call_function(torch.ops.llmc.rope_write_kv.default,
+                               (k, v, *rope.args[1:], nodes["k_cache"], nodes["v_cache"], 1, nodes["positions"]))
+    gm.recompile()
+    return gm
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])

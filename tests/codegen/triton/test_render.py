@@ -38,6 +38,17 @@ def test_add_templates_extend_their_base():
     assert "sum_ptr" in fused_gemm and "pid_n == 0" in fused_gemm
 
 
+def test_rope_write_kv_is_the_rope_kernel_plus_the_cache_stores():
+    spec = dict(dtype="bfloat16", out_dtype="bfloat16", heads=8, head_dim=128, has_norm=True, block_h=4, num_warps=4)
+    rope, _ = render("rope", **spec)
+    fused, name = render("rope_write_kv", **spec)
+    assert "k_cache_ptr" in fused and "slots_ptr" in fused and "k_cache_ptr" not in rope
+    # rope's body unchanged: the fused kernel only adds parameters and, after rope's last store, the cache stores.
+    marker = "    token = tl.program_id(0)"
+    assert fused[fused.index(marker):].startswith(rope[rope.index(marker):])
+    compile(fused, f"{name}.py", "exec")
+
+
 def test_source_compiles_as_python():
     for op, spec in [("rms_norm", ROW_SPEC), ("norm_linear", GEMM_SPEC),
                      ("rope", dict(dtype="bfloat16", out_dtype="float32", heads=32, head_dim=128, has_norm=True,
