@@ -42,7 +42,8 @@ def _run(a) -> None:
 
     t = time.perf_counter()
     engine = load(a.bundle, kv_cache_memory=a.kv_cache_memory, kv_cache_fraction=a.kv_cache_fraction,
-                  kv_offload_memory=a.kv_offload_memory or 0, prefix_caching=not a.no_prefix_caching)
+                  kv_offload_memory=a.kv_offload_memory or 0, prefix_caching=not a.no_prefix_caching,
+                  **({"prefill_chunk": a.prefill_chunk} if a.prefill_chunk is not None else {}))
     load_s = time.perf_counter() - t
     if a.verbose:
         print(engine.cache.describe(), file=sys.stderr)
@@ -190,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--kv-offload-memory", metavar="SIZE",
                    help="host memory that preempted sequences are swapped to (default none: they are recomputed)")
     r.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt blocks")
+    r.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prefill long prompts N tokens at a time (default 512)")
     r.add_argument("-v", "--verbose", action="store_true", help="print the KV cache's size and what it did")
     r.set_defaults(fn=_run)
     i = sub.add_parser("inspect", help="describe a bundle")

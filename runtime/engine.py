@@ -26,6 +26,9 @@ from llmc.runtime.scheduler import Scheduler, Sequence
 # Without a budget: room for this many longest sequences (capped on CUDA by DEFAULT_CUDA_FRACTION of free memory).
 DEFAULT_SEQUENCES = 4
 DEFAULT_CUDA_FRACTION = 0.9
+# Long prompts are prefilled this many tokens at a time, each chunk reading the cache the earlier ones wrote:
+# activations then scale with the chunk, not the prompt, and the attention kernels still see long key ranges.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 class PromptTooLongError(ValueError):
@@ -63,6 +66,7 @@ class Engine:
     kv_stats: KVStats = field(default_factory=KVStats)  # of the last generate() call
     # Graphs that write every layer's keys and values into the cache themselves (see graph_writes_kv).
     graphs_writing_kv: frozenset[str] = frozenset()
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most tokens of one sequence a prefill graph call computes
 
     @property
     def max_seq_len(self) -> int:
@@ -147,12 +151,29 @@ class Engine:
 
     @torch.no_grad()
     def _step(self, scheduler: Scheduler, group: list[Sequence], kind: str) -> tuple[torch.Tensor, int]:
-        """Runs one graph over group; returns its logits [B, V] and how many tokens it computed."""
-        dev = self.device
-        if kind == "prefill":
-            tokens = [_uncached(s) for s in group]
-        else:
+        """Runs group's step; returns its logits [B, V] and how many tokens it computed."""
+        if kind == "decode":
             tokens = [[s.output[-1] if s.output else s.prompt[-1]] for s in group]
+            return self._run_graph(scheduler, group, tokens, kind), len(group)
+        # Prefill in chunks: each round takes the next prefill_chunk uncached tokens of every sequence that has
+        # some left; a sequence's logits are those of the round that computed its last token.
+        pending = {s.seq_id: _uncached(s) for s in group}
+        last_logits, computed = {}, 0
+        while active := [s for s in group if pending[s.seq_id]]:
+            chunks = [pending[s.seq_id][:self.prefill_chunk] for s in active]
+            logits = self._run_graph(scheduler, active, chunks, kind)
+            for row, (s, chunk) in enumerate(zip(active, chunks)):
+                pending[s.seq_id] = pending[s.seq_id][len(chunk):]
+                if not pending[s.seq_id]:
+                    last_logits[s.seq_id] = logits[row]
+            computed += sum(map(len, chunks))
+        return torch.stack([last_logits[s.seq_id] for s in group]), computed
+
+    @torch.no_grad()
+    def _run_graph(self, scheduler: Scheduler, group: list[Sequence], tokens: list[list[int]], kind: str
+                   ) -> torch.Tensor:
+        """One call of graph `kind` over group, tokens[i] following what sequence i has cached; logits [B, V]."""
+        dev = self.device
         lengths = [len(t) for t in tokens]
         width = max(lengths)
         ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long, device=dev)
@@ -170,7 +191,7 @@ class Engine:
             self.cache.write(blocks, starts, lengths, new_k, new_v)
         for s, n in zip(group, lengths):
             s.cached += n
-        return logits, sum(lengths)
+        return logits
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -246,7 +267,7 @@ def _use_shipped_kernels(kernels_dir: Path) -> None:
 
 def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str | None = None,
          kv_cache_fraction: float | None = None, kv_offload_memory: int | str = 0, kv_cache_tokens: int | None = None,
-         max_batch: int = 32, prefix_caching: bool = True) -> Engine:
+         max_batch: int = 32, prefix_caching: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Engine:
     """Opens and verifies a bundle, loads its weights and graphs, and allocates the KV cache.
 
     The device pool's size comes from at most one of: kv_cache_memory (bytes, or a string such as "2GiB"),
@@ -255,6 +276,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     max_seq_len, capped on CUDA at DEFAULT_CUDA_FRACTION of free memory. The pool must hold one max_seq_len
     sequence. kv_offload_memory (bytes or a string) sizes the host tier that preempted sequences are swapped to
     (0: none; they are then recomputed). prefix_caching shares cached prompt blocks between sequences.
+    prefill_chunk: the most tokens of one prompt a prefill step computes at once (longer prompts take several).
     """
     bundle = open_bundle(path)
     if not bundle.has_weights:
@@ -264,6 +286,8 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
                           "compile it again")
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
     offload = parse_memory_size(kv_offload_memory)
     dev = torch.device(device or ("cuda" if bundle.target.get("arch", "cpu") != "cpu" else "cpu"))
     cfg, block_size, dtype = bundle.config, bundle.manifest["block_size"], getattr(torch, bundle.dtype)
@@ -288,7 +312,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
 
         tokenizer = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
     engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer, prefix_caching=prefix_caching,
-                    graphs_writing_kv=writing)
+                    graphs_writing_kv=writing, prefill_chunk=prefill_chunk)
     engine.warm_up()
     return engine
 

@@ -56,6 +56,27 @@ def test_matches_single_prompt_generation(tiny_bundle):
     assert [engine.generate([p], max_new_tokens=12)[0] for p in prompts] == batched
 
 
+def test_long_prompts_prefill_in_chunks_that_read_the_cache(tiny_bundle):
+    _, bundle = tiny_bundle
+    prompts = random_prompts(5, 20, 61)
+    whole = llmc.load(bundle, prefill_chunk=10_000)
+    chunked = llmc.load(bundle, prefill_chunk=7)
+    calls = []
+    graph = chunked.graphs["prefill"]
+
+    def counting(*inputs):
+        calls.append(int(inputs[0].shape[1]))  # tokens per row this call
+        return graph(*inputs)
+
+    chunked.graphs["prefill"] = counting
+    assert chunked.generate(prompts, max_new_tokens=10) == whole.generate(prompts, max_new_tokens=10)
+    longest = max(map(len, prompts))
+    assert len(calls) == -(-longest // 7) and max(calls) == 7, calls
+    assert chunked.timing.prefill_tokens == sum(map(len, prompts))
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        llmc.load(bundle, prefill_chunk=0)
+
+
 def test_prompt_over_max_length_is_refused(tiny_bundle):
     _, bundle = tiny_bundle
     engine = llmc.load(bundle)
