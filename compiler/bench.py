@@ -207,6 +207,8 @@ def run_bench(model: str, quick: bool = False, device: str = "cpu", lengths: lis
             settings.lengths = sorted({*settings.lengths, longest})
         report = {
             "model": name, "device": probe.device_name(device), "target": tgt.name, "dtype": dtype_name,
+            # The embedded model and a checkpoint directory bring their weights; a registry name gets random ones.
+            "weights": "random" if checkpoint.is_relative_to(tmp) else "checkpoint",
             "quick": quick, "date": time.strftime("%Y-%m-%d"), "settings": asdict(settings),
             "versions": {"llmc": llmc.__version__, "torch": torch.__version__, **_hf_version()},
             "config": cfg.to_dict(),
@@ -286,7 +288,9 @@ def _llmc_system(report: dict, checkpoint: Path, target: str, dtype: str, device
     t = time.perf_counter()
     bundle = llmc_compile(checkpoint, target, Path(tmp) / "bundle.llmc", dtype=dtype, max_seq_len=need)
     report["compile_s"] = time.perf_counter() - t
-    kv_tokens = max(_round_up(longest), max(settings.batches) * _round_up(need)) + 16
+    # Room for the longest prompt alone, or for the largest decode batch at its context (never both at once).
+    decode_tokens = settings.decode_context + settings.new_tokens
+    kv_tokens = max(_round_up(longest), max(settings.batches) * _round_up(decode_tokens)) + 16
     t = time.perf_counter()
     engine = load(bundle, device=device if device != "cpu" else "cpu", kv_cache_tokens=kv_tokens)
     engine.generate([torch.randint(0, vocab, (min(settings.lengths[0], need - 1),)).tolist()], max_new_tokens=1)

@@ -58,7 +58,8 @@ def summary_lines(report: dict) -> list[str]:
     probes, memory = report["probes"], report["memory"]
     peaks = ", ".join(f"{s} {_bytes(memory[s]['peak_bytes'])} (+{_bytes(memory[s]['delta_bytes'])})" for s in SYSTEMS)
     lines = [
-        f"{report['model']} on {report['device']}, {report['dtype']}, random weights"
+        f"{report['model']} on {report['device']}, {report['dtype']}, "
+        f"{'random weights' if report.get('weights', 'random') == 'random' else 'its checkpoint weights'}"
         f"{' (quick mode)' if report['quick'] else ''}; {report['date']}; torch {report['versions']['torch']}, "
         f"transformers {report['versions']['transformers']}.",
         f"Floors from measured copy bandwidth {probes['copy_bytes_per_s'] / 1e9:.1f} GB/s and {probes['matmul_dtype']} "
