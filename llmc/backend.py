@@ -24,11 +24,9 @@ Options (all optional):
                 frame shows one; otherwise fold_rope leaves RoPE unfolded and says so in the report.
   inductor      True: hand the rewritten graph to inductor instead of running it op by op.
 
-Assumes frozen inference weights, as inductor's freezing does: the graph holds the weights as they were at
-compile time (the tensors passes merged or folded are its own copies), so after changing a weight call
-`torch._dynamo.reset()`. Outputs carry no autograd history; inputs that require grad are refused. Weights the
-graph writes into stay inputs. Positions must stay below max_seq_len, as in a bundle. Dynamic shapes: sizes
-dynamo marks dynamic stay symbolic through lowering and passes, so new sequence lengths reuse the graph.
+Assumes frozen inference weights (as inductor's freezing): after changing a weight call `torch._dynamo.reset()`.
+Outputs carry no autograd history; inputs that require grad are refused; weights the graph writes stay inputs.
+Positions stay below max_seq_len. Sizes dynamo marks dynamic stay symbolic, so new lengths reuse the graph.
 """
 from __future__ import annotations
 
