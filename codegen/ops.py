@@ -272,3 +272,7 @@ def _rope_write_kv_fake(k, v, positions, cos_table, sin_table, norm_weight, eps,
     # No shape checks against slots here: in a traced graph its sizes are symbols of their own (an input the
     # model does not read), equal to k's only at run time.
     return _rope_fake(k, positions, cos_table, sin_table, norm_weight, eps)
+
+
+# Ops declared in their own modules, registered whenever the ops are (graph.json names them all as llmc.*).
+from llmc.codegen import quant  # noqa: E402,F401

@@ -42,6 +42,15 @@ class PassContext:
     dtype: torch.dtype | None = None  # a name ("bfloat16") is accepted and turned into the torch.dtype
     max_seq_len: int | None = None  # the bundle's longest sequence: the length of tables folded at compile time
     sliding_window: int = 0  # attend to the last N positions only (block_attention); 0 = full attention
+    # Attention sparsity (block_attention): the fraction of key blocks each query block keeps; 0 = dense.
+    attention_keep: float = 0.0
+    attention_block: int = 64  # tokens per query block and per key block of that selection
+    quant: Any = None  # the quantization config or policy passes/quantize.py applies; None = none
+    sparsity: Any = None  # the structured-sparsity config passes/sparsify.py applies; None = none
+    # Calibration: graph inputs (tuples, in the graph's placeholder order) that calibration-aware passes run
+    # through the graph they rewrite, and what they measured, by weight name, shared between the graphs.
+    calibration: list | None = None
+    calibration_stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -52,6 +61,8 @@ class PassContext:
             self.dtype = dtype
         if self.sliding_window < 0:
             raise ValueError(f"sliding window {self.sliding_window} is negative: use 0 for full attention or N > 0")
+        if not 0.0 <= self.attention_keep <= 1.0:
+            raise ValueError(f"attention keep fraction {self.attention_keep} must be in [0, 1] (0 = dense)")
 
     def note(self, message: str) -> None:
         self.notes.append(message)
