@@ -200,6 +200,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     _check_attention_heads(q, k, v, "paged_attention")
     batch, seq = q.shape[:2]
     block_size = k_cache.shape[1]
+    if seq == 1 and batch > 1:
+        return _paged_decode(q, k, v, k_cache, v_cache, block_table, past_lens, scale, window)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     new_positions = torch.arange(seq, device=q.device)
     for b, past in enumerate(past_lens.tolist()):
@@ -217,6 +219,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             mask = _visible(past + new_positions, key_positions, window)
         out[b] = _attend(q[b], keys, values, scale, mask)
     return out
+
+
+def _paged_decode(q, k, v, k_cache, v_cache, block_table, past_lens, scale, window) -> torch.Tensor:
+    """paged_attention for one new token per sequence, batched: every row gathers the blocks of the longest
+    cached sequence, keys past a row's own length are masked (and zeroed, so stale cache contents, whatever their
+    bits, cannot reach the softmax), and one SDPA call serves the batch instead of one per sequence."""
+    block_size = k_cache.shape[1]
+    longest = int(past_lens.max())
+    blocks = block_table[:, : -(-longest // block_size)]  # [B, nb]
+    past_k = k_cache[blocks].flatten(1, 2)[:, :longest]  # [B, longest, Hkv, D]
+    past_v = v_cache[blocks].flatten(1, 2)[:, :longest]
+    cached = torch.arange(longest, device=q.device)[None, :] < past_lens[:, None]  # [B, longest]
+    if window > 0:
+        cached &= torch.arange(longest, device=q.device)[None, :] > past_lens[:, None] - window
+    keep = cached[..., None, None]
+    keys = torch.cat([torch.where(keep, past_k, 0), k], 1).transpose(1, 2)  # [B, Hkv, T, D]
+    values = torch.cat([torch.where(keep, past_v, 0), v], 1).transpose(1, 2)
+    mask = torch.cat([cached, cached.new_ones(cached.shape[0], 1)], 1)[:, None, None, :]  # [B, 1, 1, T]
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                           scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).contiguous()
 
 
 @paged_attention.register_fake
@@ -276,3 +299,8 @@ def _rope_write_kv_fake(k, v, positions, cos_table, sin_table, norm_weight, eps,
 
 # Ops declared in their own modules, registered whenever the ops are (graph.json names them all as llmc.*).
 from llmc.codegen import quant  # noqa: E402,F401
+from llmc.codegen import sparse_linear  # noqa: E402,F401  (llmc::sparse_linear, issue 7)
+
+
+# llmc::sparse_paged_attention (issue 7) lives in its own module and registers with this one.
+from llmc.codegen import sparse_attention  # noqa: E402,F401

@@ -126,6 +126,27 @@ def memory_lines(memory) -> list[str]:
     return lines
 
 
+def _eval(a) -> None:
+    from llmc.runtime.engine import load
+    from llmc.runtime.evaluate import perplexity, read_token_ids
+
+    if a.seq_len < 1 or a.batch < 1:
+        raise ValueError("--seq-len and --batch must be at least 1")
+    # Room for one batch of windows, whatever the bundle's default pool (which must hold one max-length sequence).
+    from llmc.runtime.bundle import open_bundle
+
+    manifest = open_bundle(a.bundle, verify_hashes=False).manifest
+    block = manifest["block_size"]
+    tokens = max(a.batch * -(-a.seq_len // block) * block, manifest["max_seq_len"])
+    engine = load(a.bundle, kv_cache_tokens=tokens, prefix_caching=False)
+    result = perplexity(engine, read_token_ids(engine, a.perplexity), a.seq_len, a.windows, a.batch)
+    if a.json:
+        print(json.dumps({"bundle": str(a.bundle), "file": str(a.perplexity), "dtype": engine.bundle.dtype,
+                          "quant": engine.bundle.manifest.get("quant"), **result.to_dict()}))
+    else:
+        print(f"{a.bundle}: {result.format()}")
+
+
 def _verify(a) -> None:
     from llmc.runtime.bundle import verify_bundle
 
@@ -199,6 +220,14 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.set_defaults(fn=_inspect)
+    e = sub.add_parser("eval", help="measure a bundle's quality: held-out perplexity of a text file")
+    e.add_argument("bundle")
+    e.add_argument("--perplexity", required=True, metavar="FILE", help="UTF-8 text to score")
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    e.add_argument("--windows", type=int, help="score at most this many windows (default: all the text holds)")
+    e.add_argument("--batch", type=int, default=16, help="windows per step (default 16)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(fn=_eval)
     v = sub.add_parser("verify", help="check a bundle's format and hashes")
     v.add_argument("bundle")
     v.set_defaults(fn=_verify)

@@ -181,6 +181,18 @@ def test_paged_attention_matches_float64(dtype, seq, window):
     torch.testing.assert_close(out.double(), paged_float64(*inputs, window), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("window", [0, 5])
+def test_batched_decode_equals_one_sequence_at_a_time(window):
+    """A decode batch takes one SDPA over padded, masked keys; each row alone takes the per-sequence path."""
+    inputs = paged_inputs(torch.float32, batch=4, seq=1, past_lens=(1, 6, 13, 0))
+    batched = torch.ops.llmc.paged_attention(*inputs, window)
+    q, k, v, k_cache, v_cache, table, past, scale = inputs
+    for b in range(4):
+        alone = torch.ops.llmc.paged_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], k_cache, v_cache, table[b:b + 1],
+                                               past[b:b + 1], scale, window)
+        torch.testing.assert_close(batched[b:b + 1], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_paged_attention_without_a_past_is_causal_attention():
     q, k, v, k_cache, v_cache, block_table, _, scale = paged_inputs(torch.float32)
     past_lens = torch.zeros(3, dtype=torch.long)
