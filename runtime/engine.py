@@ -173,24 +173,30 @@ class Engine:
     def _run_graph(self, scheduler: Scheduler, group: list[Sequence], tokens: list[list[int]], kind: str
                    ) -> torch.Tensor:
         """One call of graph `kind` over group, tokens[i] following what sequence i has cached; logits [B, V]."""
+        logits = self.run_step(kind, [scheduler.block_table(s) for s in group], [s.cached for s in group], tokens)
+        for s, t in zip(group, tokens):
+            s.cached += len(t)
+        return logits
+
+    @torch.no_grad()
+    def run_step(self, kind: str, blocks: list[list[int]], cached: list[int], tokens: list[list[int]]
+                 ) -> torch.Tensor:
+        """Graph `kind` over a batch: row i's tokens follow the cached[i] tokens its blocks hold, and their keys
+        and values land in those blocks (which must have room); logits [B, V] of each row's last token."""
         dev = self.device
         lengths = [len(t) for t in tokens]
         width = max(lengths)
         ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long, device=dev)
-        past = torch.tensor([s.cached for s in group], dtype=torch.long, device=dev)
+        past = torch.tensor(cached, dtype=torch.long, device=dev)
         positions = past[:, None] + torch.arange(width, device=dev)
-        blocks = [scheduler.block_table(s) for s in group]
         # Only the blocks holding cached tokens are read; one (fully masked) block when nothing is cached.
-        reads = [b[:max(1, self.cache.pool.blocks_for(s.cached))] for s, b in zip(group, blocks)]
+        reads = [b[:max(1, self.cache.pool.blocks_for(n))] for n, b in zip(cached, blocks)]
         table = self.cache.block_table_tensor(reads).to(dev)
         last = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
-        starts = [s.cached for s in group]
-        slots = slot_mapping(blocks, starts, lengths, width, self.cache.block_size).to(dev)
+        slots = slot_mapping(blocks, cached, lengths, width, self.cache.block_size).to(dev)
         logits, new_k, new_v = self.graphs[kind](ids, positions, self.cache.k, self.cache.v, table, past, last, slots)
         if kind not in self.graphs_writing_kv:
-            self.cache.write(blocks, starts, lengths, new_k, new_v)
-        for s, n in zip(group, lengths):
-            s.cached += n
+            self.cache.write(blocks, cached, lengths, new_k, new_v)
         return logits
 
     @torch.no_grad()
@@ -265,6 +271,28 @@ def _use_shipped_kernels(kernels_dir: Path) -> None:
     launch.use_library(library)
 
 
+def _load_graphs(bundle: Bundle, backend: str, dev: torch.device, dtype: torch.dtype) -> tuple[dict, frozenset]:
+    """The bundle's prefill and decode graphs for its backend, and those among them that write the KV cache."""
+    if backend == "onnx":
+        from llmc.runtime.onnx import OnnxGraph
+
+        graph = OnnxGraph(bundle.path / bundle.manifest["onnx"]["file"], dev, dtype)
+        return {"prefill": graph, "decode": graph}, frozenset()
+    if backend == "tensorrt":
+        from llmc.runtime.tensorrt import load_graphs
+
+        return load_graphs(bundle, dev), frozenset()
+    if backend != "triton":
+        raise BundleError(f"{bundle.path} runs with backend {backend!r}, which this llmc does not know; upgrade "
+                          f"llmc or recompile the bundle")
+    if dev.type == "cuda":
+        _use_shipped_kernels(bundle.path / "kernels")
+    weights = bundle.load_weights(dev)
+    graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
+    num_layers = bundle.config["num_layers"]
+    return graphs, frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, num_layers))
+
+
 def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str | None = None,
          kv_cache_fraction: float | None = None, kv_offload_memory: int | str = 0, kv_cache_tokens: int | None = None,
          max_batch: int = 32, prefix_caching: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Engine:
@@ -281,7 +309,8 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     bundle = open_bundle(path)
     if not bundle.has_weights:
         raise BundleError(f"{path} was compiled without weights; bind a checkpoint first (llmc compile ... --weights DIR)")
-    if "slot_mapping" not in bundle.graph.get("inputs", []):
+    backend = bundle.manifest.get("backend", "triton")
+    if backend == "triton" and "slot_mapping" not in bundle.graph.get("inputs", []):
         raise BundleError(f"{path} was compiled by an older llmc whose graphs take no slot_mapping input; "
                           "compile it again")
     if max_batch < 1:
@@ -297,11 +326,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     # A budget that does not depend on free GPU memory is checked before the weights load: a bad one fails fast.
     depends_on_free_memory = dev.type == "cuda" and kv_cache_memory is None and kv_cache_tokens is None
     budget = None if depends_on_free_memory else kv_cache_budget(*sizing)
-    if dev.type == "cuda":
-        _use_shipped_kernels(bundle.path / "kernels")
-    weights = bundle.load_weights(dev)
-    graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
-    writing = frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, cfg["num_layers"]))
+    graphs, writing = _load_graphs(bundle, backend, dev, dtype)
     if budget is None:
         budget = kv_cache_budget(*sizing)
     cache = PagedKVCache.from_budget(budget, cfg["num_layers"], block_size, cfg["num_kv_heads"], cfg["head_dim"],
