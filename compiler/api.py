@@ -1,7 +1,9 @@
 """The compile entry: model source -> traced graphs -> pass pipeline -> bundle on disk."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +13,8 @@ import torch
 import llmc
 from llmc.codegen.graph_io import graph_to_json
 from llmc.compiler import artifact, pipeline, plan
+from llmc.compiler.calibration import read_calibration
+from llmc.compiler.export import export_backend
 from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
 from llmc.compiler.trace import cache_slots, example_inputs, trace
@@ -19,6 +23,7 @@ from llmc.models.loader import stream_weights
 from llmc.targets import get_target, resolve_dtype
 
 DEFAULT_MAX_SEQ_LEN = 4096
+BACKENDS = ("triton", "onnx", "tensorrt")
 BLOCK_SIZE = 16
 
 
@@ -31,6 +36,7 @@ class CompileReport:
     pipelines: list = field(default_factory=list)  # one PipelineReport per graph
     seconds: dict = field(default_factory=dict)
     kernels: dict | None = None  # the AOT kernel report (compiler/kernels.py) for GPU targets
+    export: dict | None = None  # the ONNX export's report (--backend onnx / tensorrt)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "dtype": self.dtype, "out": str(self.out),
@@ -96,13 +102,44 @@ def collect_weights(graphs) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass
+class Options:
+    """What changes the computed function beyond the model and dtype: recorded in the manifest, replayed by bind."""
+
+    sliding_window: int = 0  # N > 0: every attention sees only the last N positions (block_attention)
+    backend: str = "triton"  # triton (graph.json + Triton kernels) | onnx | tensorrt
+    quant: object = None  # passes/quant_config.py config or QuantPolicy; None = none
+    sparsity: object = None  # passes/sparsify.py SparsityConfig; None = none
+    attention_keep: float = 0.0  # block-sparse attention: fraction of key blocks kept per query block; 0 = dense
+    attention_block: int = 64
+    calibration: str | Path | None = None  # text file for calibration-aware quantization and pruning
+
+    def to_manifest(self) -> dict:
+        from llmc.passes.quant_config import config_to_dict
+
+        return {"sliding_window": self.sliding_window, "backend": self.backend,
+                "quant": config_to_dict(self.quant) if self.quant is not None else None,
+                "sparsity": self.sparsity.to_dict() if self.sparsity is not None else None,
+                "attention_sparsity": ({"keep": self.attention_keep, "block": self.attention_block}
+                                       if 0 < self.attention_keep < 1 else None)}
+
+
 def compile(model: str | Path, target: str = "cpu", out: str | Path | None = None, *, weights: str | Path | None = None,
             dtype: str | None = None, passes: str | list[str] | None = None, max_seq_len: int | None = None,
             check_passes: bool = False, progress: bool = False, overwrite: bool = True,
-            sliding_window: int = 0) -> Path:
+            sliding_window: int = 0, backend: str = "triton", quant: str | None = None,
+            quant_policy: str | Path | None = None, calibration: str | Path | None = None,
+            sparsity: str | None = None, attention_keep: float = 0.0, attention_block: int = 64,
+            quant_group_size: int | None = None) -> Path:
     """Compiles MODEL (registry name, "llmc-tiny", or a checkpoint directory) for TARGET into a bundle directory.
 
-    sliding_window: N > 0 makes every attention see only the last N positions (block_attention's window)."""
+    sliding_window: N > 0 makes every attention see only the last N positions (block_attention's window).
+    backend: "triton" (default), "onnx" (an ONNX model run by onnxruntime) or "tensorrt" (that ONNX plus TensorRT
+    builder settings; the engine is built on the GPU host). quant: a scheme name (fp8, int8, int4, int4-awq, w4a8,
+    mixed, ...) or quant_policy: a TOML policy file; calibration: a text file for SmoothQuant / AWQ / Wanda.
+    sparsity: "2:4" prunes the linear layers the policy names (default: attention and feed-forward).
+    attention_keep: in (0, 1), block-sparse attention keeping that fraction of key blocks (attention_block tokens).
+    """
     tgt = get_target(target)
     dtype_name = resolve_dtype(tgt, dtype)
     source = resolve(model, weights)
@@ -111,13 +148,73 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
     if max_seq_len < 1 or max_seq_len > source.config.max_position_embeddings:
         raise ValueError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
-    _check_sliding_window(sliding_window, names, check_passes)
-    if check_passes and source.weights_dir is None:
-        raise ValueError("--check-passes runs the graphs and needs weights: give a checkpoint or --weights DIR")
+    options = lossy_options(names, check_passes, sliding_window=sliding_window, backend=backend, quant=quant,
+                            quant_policy=quant_policy, calibration=calibration, sparsity=sparsity,
+                            attention_keep=attention_keep, attention_block=attention_block,
+                            group_size=quant_group_size)
+    if options.backend != "triton":
+        names = [n for n in names if n != "fuse_kv_write"]  # an ONNX graph returns new keys, it cannot write them
+    if (check_passes or options.backend != "triton" or options.calibration) and source.weights_dir is None:
+        what = ("--check-passes runs the graphs" if check_passes else
+                f"--backend {options.backend} validates the export" if options.backend != "triton" else "--calibration")
+        raise ValueError(f"{what} and needs weights: give a checkpoint or --weights DIR")
     out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
     artifact.check_destination(out, overwrite)
     return _build(source, tgt, dtype_name, max_seq_len, names, out, check_passes, progress, overwrite,
-                  sliding_window=sliding_window)
+                  options=options)
+
+
+def lossy_options(names: list[str], check_passes: bool, *, sliding_window=0, backend="triton", quant=None,
+                  quant_policy=None, calibration=None, sparsity=None, attention_keep=0.0, attention_block=64,
+                  group_size=None) -> Options:
+    """Checks the options that change the computed function and resolves the quantization and sparsity configs."""
+    from llmc.passes.quant_config import QuantPolicy, config_for_scheme, load_policy
+    from llmc.passes.sparsify import SparsityConfig
+
+    _check_sliding_window(sliding_window, names, check_passes)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown --backend {backend!r}; one of {', '.join(BACKENDS)}")
+    if quant is not None and quant_policy is not None:
+        raise ValueError("give --quant SCHEME or --quant-policy FILE, not both (a policy names its schemes)")
+    config = load_policy(quant_policy) if quant_policy is not None else config_for_scheme(quant) if quant else None
+    if group_size is not None:
+        config = _with_group_size(config, group_size)
+    method = "wanda" if calibration else "magnitude"  # calibration-aware pruning whenever there is a calibration set
+    sparse = SparsityConfig.from_policy(config, method) if isinstance(config, QuantPolicy) else None
+    if sparsity not in (None, "none"):
+        if sparsity != "2:4":
+            raise ValueError(f"--sparsity {sparsity!r} is not supported; the one structured pattern is 2:4")
+        if quant is not None:
+            raise ValueError("--sparsity 2:4 and --quant would claim the same layers (llmc applies one per layer): "
+                             "give a --quant-policy naming which layer kinds get which")
+        sparse = sparse or SparsityConfig(method=method)
+    if not 0.0 <= attention_keep <= 1.0:
+        raise ValueError(f"--attention-keep must be in [0, 1] (0 or 1 = dense attention), got {attention_keep}")
+    if attention_block < 1:
+        raise ValueError(f"--attention-block must be at least 1, got {attention_block}")
+    lossy = config is not None or sparse is not None or 0 < attention_keep < 1
+    if lossy and check_passes:
+        raise ValueError("--check-passes compares every pass with the unpassed graph at rounding tolerance, which "
+                         "quantization and sparsity exceed on purpose: judge them with llmc eval instead")
+    if 0 < attention_keep < 1 and "block_attention" not in names:
+        raise ValueError("--attention-keep is applied by the block_attention pass: do not exclude it with --passes")
+    return Options(sliding_window=sliding_window, backend=backend, quant=config, sparsity=sparse,
+                   attention_keep=attention_keep, attention_block=attention_block, calibration=calibration)
+
+
+def _with_group_size(config, group_size: int):
+    """config (or every rule of a policy) with int4 groups of group_size."""
+    from llmc.passes.quant_config import QuantPolicy
+
+    if isinstance(config, QuantPolicy):
+        if not any(hasattr(c, "group_size") for c in config.rules.values()):
+            raise ValueError("--quant-group-size: this policy has no int4 rule to apply it to")
+        rules = {kind: _with_group_size(c, group_size) if hasattr(c, "group_size") else c
+                 for kind, c in config.rules.items()}
+        return dataclasses.replace(config, rules=rules)
+    if not hasattr(config, "group_size"):
+        raise ValueError("--quant-group-size applies to the int4 schemes (int4, int4-awq, w4a8, mixed)")
+    return dataclasses.replace(config, group_size=group_size)
 
 
 def _check_sliding_window(window, names: list[str], check_passes: bool) -> None:
@@ -151,9 +248,19 @@ def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None,
     old_graph = json.loads((bundle / "graph.json").read_text())
     out = Path(out) if out else bundle
     path = _build(source, get_target(manifest["target"]["name"]), manifest["dtype"], manifest["max_seq_len"], names,
-                  out, False, progress, True, expect_graph=old_graph,
-                  sliding_window=manifest.get("sliding_window", 0))
+                  out, False, progress, True, expect_graph=old_graph, options=options_from_manifest(manifest))
     return path
+
+
+def options_from_manifest(manifest: dict) -> Options:
+    from llmc.passes.quant_config import config_from_dict
+    from llmc.passes.sparsify import SparsityConfig
+
+    attention = manifest.get("attention_sparsity") or {}
+    return Options(sliding_window=manifest.get("sliding_window", 0), backend=manifest.get("backend", "triton"),
+                   quant=config_from_dict(manifest["quant"]) if manifest.get("quant") else None,
+                   sparsity=SparsityConfig.from_dict(manifest["sparsity"]) if manifest.get("sparsity") else None,
+                   attention_keep=attention.get("keep", 0.0), attention_block=attention.get("block", 64))
 
 
 def _structure(graph: dict) -> str:
@@ -169,7 +276,7 @@ def _structure(graph: dict) -> str:
 
 
 def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: list[str], out: Path, check: bool,
-           progress: bool, overwrite: bool, expect_graph: dict | None = None, sliding_window: int = 0) -> Path:
+           progress: bool, overwrite: bool, expect_graph: dict | None = None, options: Options | None = None) -> Path:
     t0 = time.perf_counter()
     report = CompileReport(source.name, tgt.name, dtype_name)
     dtype = getattr(torch, dtype_name)
@@ -181,12 +288,29 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     graphs = trace(net, BLOCK_SIZE, weights)
     samples = {t.name: check_inputs(net, t.name, max_seq_len) for t in graphs} if check else {}
     t2 = time.perf_counter()
-    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len, sliding_window=sliding_window)
+    options = options or Options()
+    calibration = None
+    if options.calibration is not None:
+        calibration = read_calibration(options.calibration, source.tokenizer_dir, source.config, dtype, BLOCK_SIZE,
+                                       max_seq_len)
+    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len,
+                               sliding_window=options.sliding_window, attention_keep=options.attention_keep,
+                               attention_block=options.attention_block, quant=options.quant,
+                               sparsity=options.sparsity, calibration=calibration.inputs if calibration else None)
     for t in graphs:
         report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=samples.get(t.name),
                                                       graph_name=t.name))
     t3 = time.perf_counter()
-    kernels = aot_for_target(graphs, tgt)
+    moved, extra = {}, {}
+    scratch = tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent if out.parent.exists() else None)
+    kernels = None
+    if options.backend == "triton":
+        kernels = aot_for_target(graphs, tgt)
+        extra = kernels.files if kernels else {}
+    else:
+        moved, report.export = export_backend(graphs[0].gm, check_inputs(net, "prefill", max_seq_len),
+                                              options.backend, tgt, dtype_name, max_seq_len, BLOCK_SIZE,
+                                              source.config, Path(scratch.name))
     report.kernels = kernels.report if kernels else None
     t_kernels = time.perf_counter()
 
@@ -196,7 +320,9 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         "target": tgt.to_dict(),
         "dtype": dtype_name,
         "max_seq_len": max_seq_len,
-        "sliding_window": sliding_window,
+        **options.to_manifest(),
+        **({"calibration": calibration.record} if calibration else {}),
+        **({"onnx": {"file": "onnx/model.onnx", **report.export}} if options.backend != "triton" else {}),
         "block_size": BLOCK_SIZE,
         "has_weights": source.weights_dir is not None,
         "eos_token_ids": source.eos_token_ids,
@@ -211,9 +337,12 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     tensors = collect_weights(graphs)
     graph["memory"] = plan.plan_bundle(graphs, source.config, dtype, BLOCK_SIZE, max_seq_len, tensors)
     weight_stream = sorted(tensors.items()) if source.weights_dir is not None else None
-    report.out = artifact.write_bundle(out, manifest, graph, weight_stream, source.tokenizer_dir,
-                                       overwrite=overwrite, progress=progress,
-                                       extra_files=kernels.files if kernels else None)
+    if options.backend != "triton":  # the weights live in the ONNX model (external data): not stored twice
+        weight_stream, manifest["weights_in"] = None, "onnx/model.onnx" 
+    with scratch:
+        report.out = artifact.write_bundle(out, manifest, graph, weight_stream, source.tokenizer_dir,
+                                           overwrite=overwrite, progress=progress, extra_files=extra,
+                                           moved_files=moved)
     t4 = time.perf_counter()
     report.seconds = {"load": t1 - t0, "trace": t2 - t1, "passes": t3 - t2, "kernels": t_kernels - t3,
                       "write": t4 - t_kernels, "total": t4 - t0}

@@ -54,7 +54,8 @@ def toolchain_versions() -> dict:
 
 def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple[str, torch.Tensor]] | None,
                  tokenizer_dir: Path | None, overwrite: bool = False, shard_bytes: int = 2 << 30,
-                 progress: bool = False, extra_files: Mapping[str, bytes] | None = None) -> Path:
+                 progress: bool = False, extra_files: Mapping[str, bytes] | None = None,
+                 moved_files: Mapping[str, Path] | None = None) -> Path:
     """Writes the bundle directory `out` and returns it.
 
     `manifest` holds the fields of format v1 except format, format_version, created and files (added here);
@@ -62,13 +63,17 @@ def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple
     one shard at a time; a tensor that is exactly another one already written (tied embeddings) is stored
     once and listed under "weight_aliases" {name: stored name}. `extra_files` maps POSIX paths relative to
     kernels/ to their bytes (codegen/triton/aot.py's kernel_files); they are hashed like every other file.
+    `moved_files` maps POSIX paths relative to the bundle to files written elsewhere on the same file system (the
+    ONNX export, which may be gigabytes): they are moved in, not copied.
     """
     out = Path(out)
     if shard_bytes <= 0:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
     check_destination(out, overwrite)
     _check_extra_files(extra_files or {})
-    manifest = _complete_manifest(manifest, has_weights=weights is not None)
+    _check_moved_files(moved_files or {})
+    # An ONNX bundle's weights are the model's external data (a moved file), not safetensors shards.
+    manifest = _complete_manifest(manifest, has_weights=weights is not None or bool(manifest.get("weights_in")))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -82,6 +87,9 @@ def write_bundle(out: Path, manifest: dict, graph: dict, weights: Iterable[tuple
             path = staging / KERNELS_DIR / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
+        for relative, source in (moved_files or {}).items():
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, staging / relative)
         manifest["weight_aliases"] = aliases
         manifest["files"] = _hash_and_sync(staging)
         _write_json(staging / MANIFEST, manifest, indent=2)
@@ -104,6 +112,16 @@ def check_destination(out: Path, overwrite: bool) -> None:
     if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or _is_bundle(out)):
         return
     raise BundleWriteError(f"{out} exists and is not an llmc bundle; refusing to replace it: choose another --out")
+
+
+def _check_moved_files(moved_files: Mapping[str, Path]) -> None:
+    reserved = {MANIFEST, GRAPH, WEIGHTS_DIR, KERNELS_DIR, TOKENIZER_DIR}
+    for relative, source in moved_files.items():
+        pure = PurePosixPath(relative)
+        if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\\" in relative or pure.parts[0] in reserved:
+            raise ValueError(f"moved file {relative!r} must be a relative path outside the bundle's own entries")
+        if not Path(source).is_file():
+            raise ValueError(f"moved file {relative!r}: {source} is not a file")
 
 
 def _check_extra_files(extra_files: Mapping[str, bytes]) -> None:

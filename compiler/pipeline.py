@@ -14,14 +14,16 @@ import torch
 from torch.utils import _pytree as pytree
 
 from llmc.passes import (block_attention, fold_constants, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear,
-                         fuse_rms_norm, merge_projections, strip_asserts)
+                         fuse_rms_norm, merge_projections, quantize, sparsify, strip_asserts)
 from llmc.passes.pattern import PassContext  # noqa: F401  (re-exported: callers build it from here)
 
 # (phase, name, run(gm, ctx) -> rewrites), in the order they run.
 # Later passes match llmc.rms_norm nodes, so fuse_rms_norm runs first; fold_rope absorbs the per-head q/k norms
 # before fuse_add_norm / fuse_norm_linear claim the norms that feed GEMMs. block_attention matches the paged mask
 # as the model builds it (ones / tril / arange of sizes), which no earlier pass folds; fuse_kv_write rewrites the
-# keys' rope of the llmc.paged_attention calls it leaves.
+# keys' rope of the llmc.paged_attention calls it leaves. sparsify and quantize rewrite the fused GEMMs (merged,
+# gains folded) and do nothing unless the compile asks for them (PassContext.sparsity / .quant); pruning first, so
+# quantization sees the pruned weights.
 PASSES = [
     ("cleanup", "strip_asserts", strip_asserts.run),
     ("canonicalize", "fuse_rms_norm", fuse_rms_norm.run),
@@ -32,6 +34,8 @@ PASSES = [
     ("fusion", "merge_projections", merge_projections.run),
     ("fusion", "fuse_add_norm", fuse_add_norm.run),
     ("fusion", "fuse_norm_linear", fuse_norm_linear.run),
+    ("quantize", "sparsify", sparsify.run),
+    ("quantize", "quantize", quantize.run),
 ]
 
 # (rtol, atol) by output dtype, from DESIGN.md: float32 allows for passes that change summation order.

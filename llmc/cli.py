@@ -20,7 +20,9 @@ def _compile(a) -> None:
     # Progress bars only on a terminal: in a log or a pipe their carriage returns are noise around the result.
     out = compile(a.model, a.target, a.output, weights=weights, dtype=a.dtype, passes=a.passes,
                   max_seq_len=a.max_seq_len, check_passes=a.check_passes, progress=sys.stderr.isatty(),
-                  sliding_window=a.sliding_window)
+                  sliding_window=a.sliding_window, backend=a.backend, quant=a.quant, quant_policy=a.quant_policy,
+                  calibration=a.calibration, sparsity=a.sparsity, attention_keep=a.attention_keep,
+                  attention_block=a.attention_block, quant_group_size=a.quant_group_size)
     report = llmc.last_report()
     if a.explain:
         print(report.format())
@@ -71,59 +73,10 @@ def parse_token_ids(text: str) -> list[int]:
 
 def _inspect(a) -> None:
     from llmc.runtime.bundle import open_bundle
+    from llmc.runtime.inspect import describe
 
     b = open_bundle(a.bundle, verify_hashes=False, check_host=False)
-    m = b.manifest
-    if a.json:
-        print(json.dumps(m, indent=2))
-        return
-    # Only what open_bundle checked is certain; a hand-edited manifest may lack the rest, shown as "?".
-    cfg, target = m["model"], m["target"]
-    size = sum((b.path / f).stat().st_size for f in m["files"])
-    passes = [p for p in m.get("passes") or [] if isinstance(p, dict)]
-    lines = [
-        f"bundle      {b.path} (format v{m['format_version']}, llmc {m.get('llmc_version', '?')}, {size / 1e6:.1f} MB)",
-        f"model       {cfg.get('name', '?')} ({cfg.get('family', '?')}: {cfg.get('num_layers', '?')} layers, "
-        f"hidden {cfg.get('hidden_size', '?')}, {cfg.get('num_heads', '?')} heads / {cfg.get('num_kv_heads', '?')} kv, "
-        f"vocab {cfg.get('vocab_size', '?')})",
-        f"target      {target['name']} ({target['arch']}), dtype {m['dtype']}",
-        f"sequence    max {m.get('max_seq_len', '?')} tokens, KV block {m.get('block_size', '?')} tokens",
-        f"weights     {'bound' if m['has_weights'] else 'not bound'}",
-        "passes      " + ", ".join(f"{p.get('graph')}:{p.get('name')}={p.get('rewrites')}" for p in passes),
-        "toolchain   " + ", ".join(f"{k} {v}" for k, v in (m.get("toolchain") or {}).items()),
-    ]
-    kernels = m.get("kernels")
-    if isinstance(kernels, dict):
-        per_step = kernels.get("launches_per_step") or {}
-        lines.append(f"kernels     {kernels.get('kernels_compiled', '?')} compiled for "
-                     f"{', '.join(kernels.get('archs') or ['?'])} ({kernels.get('distinct_kernels', '?')} distinct), "
-                     "serving " + ", ".join(f"{graph} {n}" for graph, n in per_step.items()) + " launches per step")
-    lines += memory_lines(b.graph.get("memory") if isinstance(b.graph, dict) else None)
-    print("\n".join(lines))
-
-
-def memory_lines(memory) -> list[str]:
-    """graph.json's "memory" section (compiler/plan.py) as inspect's lines; "?" where a hand edit broke it."""
-    from llmc.runtime.kv_cache import format_bytes
-
-    if not isinstance(memory, dict):
-        return ["memory      not planned (compiled by an older llmc; recompile to see memory figures)"]
-    block = memory.get("block_size", "?")
-    lines = [f"memory      weights {format_bytes(memory.get('weight_bytes'))}; KV cache "
-             f"{format_bytes(memory.get('kv_cache_bytes_per_token'))} per token, "
-             f"{format_bytes(memory.get('kv_cache_bytes_per_block'))} per {block}-token block"]
-    head = "activations "
-    for graph, plans in (memory.get("plans") or {}).items():
-        for p in [p for p in plans if isinstance(p, dict)] if isinstance(plans, list) else []:
-            shape = p.get("shape") or {}
-            batch, tokens, blocks = shape.get("batch", "?"), shape.get("new_tokens", "?"), shape.get("kv_blocks")
-            context = blocks * block if isinstance(blocks, int) and isinstance(block, int) else "?"
-            at = (f"{graph} batch {batch} x {tokens} tokens" if graph != "decode" else
-                  f"{graph} batch {batch}, context {context} tokens")
-            lines.append(f"{head}{at}: peak {format_bytes(p.get('peak_bytes'))} "
-                         f"({format_bytes(p.get('naive_bytes'))} without reuse)")
-            head = " " * len(head)
-    return lines
+    print(json.dumps(b.manifest, indent=2) if a.json else "\n".join(describe(b)))
 
 
 def _eval(a) -> None:
@@ -145,6 +98,12 @@ def _eval(a) -> None:
                           "quant": engine.bundle.manifest.get("quant"), **result.to_dict()}))
     else:
         print(f"{a.bundle}: {result.format()}")
+
+
+def _build_engine(a) -> None:
+    from llmc.runtime.tensorrt import build_engine_cli
+
+    print(build_engine_cli(a.bundle))
 
 
 def _verify(a) -> None:
@@ -188,6 +147,19 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq-len", type=int, help="longest prompt + generation the bundle serves")
     c.add_argument("--sliding-window", type=int, default=0, metavar="N",
                    help="attention sees only the last N positions (default 0: full attention)")
+    c.add_argument("--backend", default="triton", choices=["triton", "onnx", "tensorrt"],
+                   help="triton (default): graph + Triton kernels; onnx: an ONNX model for onnxruntime; tensorrt: "
+                        "that ONNX + TensorRT build settings (engine built on the GPU host: llmc build-engine)")
+    c.add_argument("--quant", metavar="SCHEME",
+                   help="fp8, fp8-w8a16, int8 (SmoothQuant), int8-rtn, int4, int4-awq, w4a8, mixed")
+    c.add_argument("--quant-group-size", type=int, metavar="N", help="int4 group size (default 128)")
+    c.add_argument("--quant-policy", metavar="FILE", help="TOML policy: a scheme per layer kind (see passes/policies)")
+    c.add_argument("--calibration", metavar="FILE", help="text for SmoothQuant / AWQ / calibration-aware pruning")
+    c.add_argument("--sparsity", metavar="PATTERN", help="2:4: prune the linear layers to 2 of every 4 weights")
+    c.add_argument("--attention-keep", type=float, default=0.0, metavar="F",
+                   help="block-sparse attention: keep this fraction of key blocks per query block (default 0: dense)")
+    c.add_argument("--attention-block", type=int, default=64, metavar="N",
+                   help="tokens per block of --attention-keep (default 64)")
     c.add_argument("--explain", action="store_true", help="print what each pass did")
     c.add_argument("--check-passes", action="store_true", help="run sample inputs after every pass and compare")
     c.set_defaults(fn=_compile)
@@ -228,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=int, default=16, help="windows per step (default 16)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(fn=_eval)
+    be = sub.add_parser("build-engine", help="build a --backend tensorrt bundle's engine on this GPU host")
+    be.add_argument("bundle")
+    be.set_defaults(fn=_build_engine)
     v = sub.add_parser("verify", help="check a bundle's format and hashes")
     v.add_argument("bundle")
     v.set_defaults(fn=_verify)

@@ -19,6 +19,8 @@ Anything else (padding masks, arbitrary attn_mask, dropout) is left alone and no
 Scale: sdpa's `scale`, the eager multiplier, or sdpa's default 1/sqrt(D). Window: a transformers sliding mask's W,
 else PassContext.sliding_window (0 = full attention; our ModelConfig has no sliding window: from_hf refuses
 use_sliding_window).
+Sparsity: with 0 < PassContext.attention_keep < 1 the paged steps get llmc.sparse_paged_attention (keep, block =
+attention_keep, attention_block: the top key blocks per query block); causal_attention stays dense (noted).
 Canonicalizes first: full-range slices (x[:, :] that dynamic-shape export keeps and static pattern traces drop)
 are replaced by their input.
 Runs: in the fusion phase, after fold_rope (q and k may be llmc.rope outputs; any producer is fine).
@@ -253,13 +255,16 @@ def _is_position_row(node: Node) -> bool:
 
 @dataclass
 class _Plan:
-    op: object  # llmc.paged_attention.default | llmc.causal_attention.default
+    op: object  # llmc.paged_attention.default | llmc.sparse_paged_attention.default | llmc.causal_attention.default
     inputs: list[Node]  # the op's tensor inputs, q / k / v as the pattern sees them
     scale: float
     window: int
+    sparsity: tuple = ()  # sparse_paged_attention's (keep, block)
 
 
 def run(gm: GraphModule, ctx: PassContext) -> int:
+    if 0 < ctx.attention_keep < 1 and ctx.attention_block < 1:
+        raise ValueError(f"attention block {ctx.attention_block} must be a positive number of tokens, e.g. 64")
     graph = gm.graph
     anchors = [n for n in graph.nodes if n.target in (aten.scaled_dot_product_attention.default, aten.softmax.int)]
     if not anchors:
@@ -281,13 +286,18 @@ def run(gm: GraphModule, ctx: PassContext) -> int:
         for dtype in dtypes:
             plans = {}
             for match in attention_pattern(form, dtype).find(graph):
-                plan = _plan(form, match, paged, causal, ctx.sliding_window)
+                plan = _plan(form, match, paged, causal, ctx)
                 if isinstance(plan, str):
                     rejected[match.outputs[0] if form.kind != "eager" else _softmax(match)] = plan
                 else:
                     plans[id(match)] = (match, plan)
             count += replace_matches(gm, form.name, [m for m, _ in plans.values()],
                                      lambda m, plans=plans: _build(m, plans[id(m)][1]))
+    if 0 < ctx.attention_keep < 1 and any(n.target == llmc.causal_attention.default for n in graph.nodes):
+        dense = (f"attention sparsity (keep {ctx.attention_keep}) applies to paged steps only: causal_attention "
+                 "(the torch.compile backend's) stays dense")
+        if dense not in ctx.notes:  # once: one context serves the prefill and the decode graph
+            ctx.note(dense)
     kept = {w for w in causal.values() if w and ctx.sliding_window and w != ctx.sliding_window}
     if kept:
         ctx.note(f"layers with the model's own sliding window ({', '.join(map(str, sorted(kept)))}) keep it; "
@@ -328,8 +338,9 @@ def _softmax(match: Match) -> Node:
 
 
 def _plan(form: Form, match: Match, paged: dict[Node, PagedMask], causal: dict[Node, int],
-          window: int) -> _Plan | str:
+          ctx: PassContext) -> _Plan | str:
     """What to call for this match, or why it is left alone."""
+    window = ctx.sliding_window
     q, k = match.val("q"), match.val("k")
     if q.dim() != 4 or k.dim() != 4:
         return "its query or keys are not 4-d ([B, H, S, D] or [B, S, H, D])"
@@ -348,9 +359,11 @@ def _plan(form: Form, match: Match, paged: dict[Node, PagedMask], causal: dict[N
         if not (_same([q.shape[0], q.shape[1], k.shape[1]], [val(mask.past_lens).shape[0], mask.seq, mask.seq])
                 and len(gathered) == 2 and _same(gathered, [mask.past, mask.past])):
             return "its mask does not span the gathered cache and the new tokens"
-        names = ("q", "k", "v", "k_layer", "v_layer", "block_table")
-        return _Plan(llmc.paged_attention.default, [*(match.inputs[n] for n in names), mask.past_lens],
-                     float(scale), window)
+        inputs = [*(match.inputs[n] for n in ("q", "k", "v", "k_layer", "v_layer", "block_table")), mask.past_lens]
+        if 0 < ctx.attention_keep < 1:
+            return _Plan(llmc.sparse_paged_attention.default, inputs, float(scale), window,
+                         (float(ctx.attention_keep), int(ctx.attention_block)))
+        return _Plan(llmc.paged_attention.default, inputs, float(scale), window)
     if not _same([q.shape[2]], [k.shape[2]]):
         return "queries and keys differ in length (not self-attention over one sequence)"
     if form.masked:
@@ -365,8 +378,8 @@ def _plan(form: Form, match: Match, paged: dict[Node, PagedMask], causal: dict[N
 
 def _build(match: Match, plan: _Plan) -> Node:
     graph = match.graph
-    if plan.op == llmc.paged_attention.default:
-        out = graph.call_function(plan.op, (*plan.inputs, plan.scale, plan.window))  # our step is [B, S, H, D] already
+    if plan.op != llmc.causal_attention.default:  # our paged step is [B, S, H, D] already
+        out = graph.call_function(plan.op, (*plan.inputs, plan.scale, plan.window, *plan.sparsity))
     else:
         out = graph.call_function(plan.op, (*(_seq_major(graph, x) for x in plan.inputs), plan.scale, plan.window))
     return graph.call_function(aten.transpose.int, (out, 1, 2))  # what attention returned: [B, H, S, D]

@@ -1,7 +1,8 @@
 """Fuses the KV-cache write into the keys' RoPE: `llmc::rope_write_kv` rotates the step's keys and stores them and
 the values at their cache slots, so the runtime no longer copies new_k / new_v into the cache after the step.
 
-Matches: every `llmc.paged_attention(q, k, v, k_layer, v_layer, block_table, past_lens, scale, window)` whose k is
+Matches: every `llmc.paged_attention(q, k, v, k_layer, v_layer, block_table, past_lens, scale, window)` (or
+`llmc.sparse_paged_attention`, the same arguments and keep, block) whose k is
 an `llmc.rope(x, positions, cos, sin, norm_weight, eps)` node and whose k_layer / v_layer are
 `aten.select(k_cache, 0, l)` / `aten.select(v_cache, 0, l)` of the graph's cache inputs, one literal l for both
 (what block_attention leaves in our paged step) -> rope_write_kv(x, v, positions, cos, sin, norm_weight, eps,
@@ -29,11 +30,13 @@ from .pattern import PassContext
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 CACHE_INPUTS = ("k_cache", "v_cache", "slot_mapping")
+# Both read (q, k, v, k_layer, v_layer, ...) and the cache below past_lens only.
+PAGED = (llmc.paged_attention.default, llmc.sparse_paged_attention.default)
 
 
 def run(gm: GraphModule, ctx: PassContext) -> int:
     graph = gm.graph
-    attentions = [n for n in graph.nodes if n.target == llmc.paged_attention.default]
+    attentions = [n for n in graph.nodes if n.target in PAGED]
     if not attentions:
         return 0
     inputs = {n.target: n for n in graph.nodes if n.op == "placeholder" and n.target in CACHE_INPUTS}

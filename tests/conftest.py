@@ -11,11 +11,18 @@ norms included, is freshly random, so a swapped or skipped weight changes the lo
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
+# A fresh compile cache per test session (inherited by the subprocesses tests start): dynamo keeps state across
+# processes there (automatic-dynamic profiles), and a cache left by earlier runs changed recompile counts and broke
+# the torch.compile backend tests in a later full run (see the issue note). Set before torch compiles anything.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmc-tests-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from llmc.models import ModelConfig, Transformer
 
@@ -129,3 +136,20 @@ def module_hf_checkpoint(tmp_path_factory):
         return write_tiny_hf_checkpoint(tmp_path_factory.mktemp(family), family, **kwargs)
 
     return make
+
+
+def greedy_reference(model, prompt: list[int], new: int) -> list[int]:
+    """transformers' greedy continuation, ending at its end-of-sequence token as llmc's does."""
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    stop = next((i for i, t in enumerate(out) if t in eos), None)
+    return out if stop is None else out[: stop + 1]
+
+
+@pytest.fixture
+def hf_greedy():
+    """greedy_reference(model, prompt ids, new tokens): what llmc's greedy generation must reproduce."""
+    return greedy_reference

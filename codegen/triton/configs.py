@@ -66,13 +66,43 @@ _TABLE: dict[str, dict[str, dict[str, Config]]] = {
     },
 }
 
+# quant_linear (codegen/triton/quant.py). The weight-only GEMM (a16) starts from the 16-bit GEMM's tiles (its x
+# tiles are 16-bit, its weight tiles smaller); the a8 GEMM's operands are bytes, so its K steps are twice as
+# long for the same shared memory, and its K step is at least 32 (the 8-bit dot's K). Not yet tuned on a GPU.
+# quant_rows: one program per token row, block_k its chunk of the row.
+_TABLE["quant_a16"] = _TABLE["gemm"]
+_TABLE["quant_a16_swiglu"] = _TABLE["gemm_swiglu"]
+_TABLE["quant_a8"] = {
+    "sm_75": {"decode": Config(16, 64, 64, 4, 2), "prefill": Config(64, 128, 64, 4, 2)},
+    "sm_80": {"decode": Config(16, 64, 128, 4, 4), "prefill": Config(128, 128, 128, 8, 3)},
+    "sm_86": {"decode": Config(16, 64, 128, 4, 3), "prefill": Config(128, 128, 64, 8, 3)},
+    "sm_89": {"decode": Config(16, 64, 128, 4, 3), "prefill": Config(128, 128, 64, 8, 3)},
+    "sm_90": {"decode": Config(16, 32, 256, 4, 4), "prefill": Config(128, 128, 128, 8, 4)},
+    "interpret": {"decode": Config(16, 32, 32, 1, 1), "prefill": Config(32, 32, 32, 1, 1)},
+}
+_TABLE["quant_a8_swiglu"] = {
+    "sm_75": {"decode": Config(16, 32, 64, 4, 2), "prefill": Config(64, 64, 64, 4, 2)},
+    "sm_80": {"decode": Config(16, 32, 128, 4, 4), "prefill": Config(128, 64, 128, 8, 3)},
+    "sm_86": {"decode": Config(16, 32, 128, 4, 3), "prefill": Config(64, 64, 128, 4, 3)},
+    "sm_89": {"decode": Config(16, 32, 128, 4, 3), "prefill": Config(64, 64, 128, 4, 3)},
+    "sm_90": {"decode": Config(16, 32, 256, 4, 4), "prefill": Config(128, 64, 128, 8, 4)},
+    "interpret": {"decode": Config(16, 32, 32, 1, 1), "prefill": Config(32, 32, 32, 1, 1)},
+}
+_TABLE["quant_rows"] = {
+    **{arch: {"decode": Config(block_k=4096, num_warps=4), "prefill": Config(block_k=4096, num_warps=8)}
+       for arch in ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")},
+    "interpret": {"decode": Config(block_k=1024, num_warps=1), "prefill": Config(block_k=1024, num_warps=1)},
+}
+
 # Shared memory per block a kernel may use, in bytes (the opt-in maximum per arch).
 SHARED_MEMORY = {"sm_75": 64 * 1024, "sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024,
                  "sm_90": 227 * 1024}
 
-ATTENTION_OPS = ("causal_attention", "paged_attention")
+ATTENTION_OPS = ("causal_attention", "paged_attention", "sparse_paged_attention")
 _FAMILY = {"rms_norm": "row_norm", "add_rms_norm": "row_norm", "norm_linear": "gemm", "add_norm_linear": "gemm",
            "rope": "rope", "rope_write_kv": "rope"}
+# quant_linear's kernels (codegen/triton/quant.py), by kernel name: its launcher picks one config per kernel.
+_FAMILY |= {"quant_linear_a16": "quant_a16", "quant_linear_a8": "quant_a8", "quant_linear_rows": "quant_rows"}
 
 
 def shape_class(m: int) -> str:
@@ -85,7 +115,7 @@ def family(op: str, epilogue: str = "none") -> str:
     if op not in _FAMILY:
         raise ValueError(f"no Triton kernel for op {op!r}; known: {', '.join(_FAMILY)}")
     name = _FAMILY[op]
-    return "gemm_swiglu" if name == "gemm" and epilogue == "swiglu" else name
+    return f"{name}_swiglu" if epilogue == "swiglu" and f"{name}_swiglu" in _TABLE else name
 
 
 def tuning_key(op: str, arch: str, m: int, n: int, k: int = 0, epilogue: str = "none") -> str:

@@ -12,8 +12,11 @@ import torch
 import triton
 
 from llmc.codegen import ops
-from llmc.codegen.triton import attention, configs
+from llmc.codegen.triton import attention, configs, quant
 from llmc.codegen.triton.attention import launch_causal_attention, launch_paged_attention
+from llmc.codegen.triton.quant import launch_quant_linear
+from llmc.codegen.triton import sparse_attention
+from llmc.codegen.triton.sparse_attention import launch_sparse_paged_attention
 from llmc.codegen.triton.configs import Config
 from llmc.codegen.triton.hooks import current_arch, load, recording, use_library  # noqa: F401  (re-exported)
 from llmc.codegen.triton.hooks import dtype_name as _dtype_name, empty_output as _empty
@@ -194,10 +197,14 @@ def launch_rope_write_kv(k: torch.Tensor, v: torch.Tensor, positions: torch.Tens
 LAUNCHERS = {"rms_norm": launch_rms_norm, "add_rms_norm": launch_add_rms_norm, "norm_linear": launch_norm_linear,
              "add_norm_linear": launch_add_norm_linear, "rope": launch_rope, "rope_write_kv": launch_rope_write_kv,
              "causal_attention": launch_causal_attention, "paged_attention": launch_paged_attention}
+LAUNCHERS["quant_linear"] = launch_quant_linear
+LAUNCHERS["sparse_paged_attention"] = launch_sparse_paged_attention
 # The kernels (templates) each launcher may launch: KernelSpec.op names these.
 KERNELS = {op: (op,) for op in LAUNCHERS} | {"causal_attention": ("attention_prefill",),
                                              "paged_attention": ("attention_prefill", "attention_decode",
                                                                  "attention_combine")}
+KERNELS["quant_linear"] = ("quant_linear_a16", "quant_linear_rows", "quant_linear_a8")
+KERNELS["sparse_paged_attention"] = ("attention_sparse", "attention_combine")
 
 
 def register_cuda_impls() -> None:
@@ -209,12 +216,17 @@ def register_cuda_impls() -> None:
 
 
 def example_inputs(op: str, shapes: dict, dtype: torch.dtype, device: str, *, norm: str = "rms",
-                   epilogue: str = "none", bias: bool = False, with_norm_weight: bool = True) -> tuple:
+                   epilogue: str = "none", bias: bool = False, with_norm_weight: bool = True,
+                   **quant_options) -> tuple:
     """Random inputs of `op` for shapes {"m": tokens, "n": out features / hidden / heads, "k": in features /
     head_dim} (rope: m = batch * seq as [1, m]), in the launcher's argument order (for autotune and benchmarks).
     Attention ops take attention.example_inputs' shapes (b, s, h, kv, d, past, bs, window)."""
+    if op == "sparse_paged_attention":  # shapes also keep, block (sparse_attention.example_inputs)
+        return sparse_attention.example_inputs(shapes, dtype, device)
     if op in configs.ATTENTION_OPS:
         return attention.example_inputs(op, shapes, dtype, device)
+    if op == "quant_linear":  # quant_options: scheme, group_size (quant.example_inputs)
+        return quant.example_inputs(shapes, dtype, device, norm=norm, epilogue=epilogue, bias=bias, **quant_options)
     m, n, k = shapes["m"], shapes["n"], shapes.get("k", 0)
     eps = 1e-6
 

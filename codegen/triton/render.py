@@ -40,6 +40,14 @@ SPEC_KEYS = {
     "attention_decode": ("dtype", "heads", "kv_heads", "head_dim", "windowed", "cache_block_size", "block_h",
                          "block_n", "num_warps", "num_stages"),
     "attention_combine": ("dtype", "head_dim", "block_s", "num_warps"),
+    "attention_sparse": ("dtype", "heads", "kv_heads", "head_dim", "windowed", "decode", "block", "cache_block_size",
+                         "block_m", "block_n", "num_warps", "num_stages"),
+    # quant_linear (codegen/triton/quant.py); scheme is the weight format: fp8 | int8 | int4
+    "quant_linear_a16": ("dtype", "scheme", "n", "k", "group_size", "norm", "epilogue", "has_bias", "has_in_scale",
+                         "block_m", "block_n", "block_k", "num_warps", "num_stages"),
+    "quant_linear_rows": ("dtype", "scheme", "k", "norm", "has_in_scale", "block_k", "num_warps"),
+    "quant_linear_a8": ("dtype", "scheme", "n", "k", "group_size", "epilogue", "has_bias", "block_m", "block_n",
+                        "block_k", "num_warps", "num_stages"),
 }
 
 # Ops rendered from another op's template, which branches on `op` (rope_write_kv: rope's kernel plus the stores).

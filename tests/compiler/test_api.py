@@ -9,19 +9,8 @@ from llmc.compiler.pipeline import PassCheckError
 CASES = [("qwen3", True), ("qwen3", False), ("llama", True), ("llama", False)]
 
 
-def hf_greedy(model, prompt: list[int], new: int) -> list[int]:
-    """transformers' greedy continuation, ending at its end-of-sequence token as llmc's does."""
-    ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                         pad_token_id=0)[0, len(prompt):].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    stop = next((i for i, t in enumerate(out) if t in eos), None)
-    return out if stop is None else out[: stop + 1]
-
-
 @pytest.mark.parametrize("family,tied", CASES)
-def test_greedy_tokens_match_transformers(tiny_hf_checkpoint, tmp_path, family, tied):
+def test_greedy_tokens_match_transformers(tiny_hf_checkpoint, hf_greedy, tmp_path, family, tied):
     ckpt = tiny_hf_checkpoint(family, tied=tied, hidden_size=60, intermediate_size=72, num_key_value_heads=3,
                               head_dim=10, num_hidden_layers=3)
     bundle = llmc.compile(ckpt.path, target="cpu", out=tmp_path / "b.llmc")
@@ -66,7 +55,7 @@ def test_check_passes_names_the_broken_pass(tiny_hf_checkpoint, tmp_path, monkey
 
 
 @pytest.mark.parametrize("window", [0, 8], ids=["full", "sliding-window-8"])
-def test_a_prompt_over_several_kv_blocks_gives_transformers_tokens(tiny_hf_checkpoint, tmp_path, window):
+def test_a_prompt_over_several_kv_blocks_gives_transformers_tokens(tiny_hf_checkpoint, hf_greedy, tmp_path, window):
     """A 70-token prompt (five 16-token KV blocks) and 24 greedy tokens through block attention over the paged
     cache; with --sliding-window 8, transformers' own sliding-window Qwen3 (same weights) is the reference."""
     import copy

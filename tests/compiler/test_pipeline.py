@@ -28,7 +28,8 @@ def test_real_pipeline_order():
     assert [(phase, name) for phase, name, _ in REAL_PASSES] == [
         ("cleanup", "strip_asserts"), ("canonicalize", "fuse_rms_norm"), ("fold", "fold_rope"),
         ("fold", "fold_constants"), ("fusion", "block_attention"), ("fusion", "fuse_kv_write"),
-        ("fusion", "merge_projections"), ("fusion", "fuse_add_norm"), ("fusion", "fuse_norm_linear")]
+        ("fusion", "merge_projections"), ("fusion", "fuse_add_norm"), ("fusion", "fuse_norm_linear"),
+        ("quantize", "sparsify"), ("quantize", "quantize")]
 
 
 def test_resolve_passes():

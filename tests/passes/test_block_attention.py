@@ -354,3 +354,53 @@ def test_paged_steps_with_a_window_give_transformers_logits(tiny_hf_checkpoint, 
 def test_a_negative_window_is_refused():
     with pytest.raises(ValueError, match="sliding window -1 is negative"):
         PassContext(sliding_window=-1)
+
+
+# ---- attention sparsity ------------------------------------------------------------------------------------------
+
+SPARSE, KEEP, KEY_BLOCK = llmc.sparse_paged_attention.default, 0.2, 4  # 4-token blocks: the steps span up to 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_keep_makes_the_paged_steps_sparse(fusion, dtype):
+    for (name, gm, inputs), (_, by_hand, _) in zip(*(fusion.graphs("llmc", "qwen3", dtype) for _ in range(2))):
+        inputs = with_cached_tokens(inputs)
+        unpassed = fusion.outputs(gm, inputs)
+        count, ctx = rewrite(gm, attention_keep=KEEP, attention_block=KEY_BLOCK)
+        assert count == LAYERS and not ctx.notes and census(gm)[SPARSE] == LAYERS
+        assert census(gm)[PAGED] == census(gm)[SDPA] == 0
+        scale = pytest.approx(fusion.SHAPE["head_dim"] ** -0.5)
+        assert [op.args[7:] for op in ops(gm, SPARSE)] == [(scale, 0, KEEP, KEY_BLOCK)] * LAYERS
+        sparse = fusion.outputs(gm, inputs)
+        assert all(out.isfinite().all() for out in sparse)
+        assert not torch.allclose(sparse[0], unpassed[0], rtol=1e-2, atol=1e-2), f"{name}: sparsity changes logits"
+        # The op's reference by hand: the dense-passed graph with each paged_attention swapped for it.
+        assert rewrite(by_hand)[0] == LAYERS
+        for node in ops(by_hand, PAGED):
+            node.target, node.args = SPARSE, (*node.args, KEEP, KEY_BLOCK)
+        by_hand.recompile()
+        assert all(torch.equal(got, want) for got, want in zip(sparse, fusion.outputs(by_hand, inputs), strict=True))
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.0])
+def test_attention_keep_zero_or_one_is_dense(fusion, keep):
+    for _, gm, inputs in fusion.graphs("llmc", "llama", torch.float32):
+        inputs = with_cached_tokens(inputs)
+        expected = fusion.outputs(gm, inputs)
+        count, ctx = rewrite(gm, attention_keep=keep, attention_block=KEY_BLOCK)
+        assert count == LAYERS and not ctx.notes and census(gm)[PAGED] == LAYERS and census(gm)[SPARSE] == 0
+        fusion.assert_model_outputs_close(fusion.outputs(gm, inputs), expected, torch.float32)
+
+
+def test_causal_attention_stays_dense_and_says_so_once(hf_graphs):
+    ctx = PassContext(attention_keep=KEEP, attention_block=KEY_BLOCK)
+    for _ in range(2):  # one context over two graphs, as the pipeline runs prefill and decode
+        _, gm = hf_graphs("qwen3", "sdpa", torch.float32)
+        assert block_attention.run(gm, ctx) == LAYERS and census(gm)[CAUSAL] == LAYERS
+    assert len(ctx.notes) == 1 and "causal_attention" in ctx.notes[0] and "stays dense" in ctx.notes[0]
+
+
+def test_a_non_positive_attention_block_is_refused(fusion):
+    (_, gm, _), _ = fusion.graphs("llmc", "llama", torch.float32)
+    with pytest.raises(ValueError, match="attention block 0 must be a positive"):
+        rewrite(gm, attention_keep=KEEP, attention_block=0)

@@ -15,9 +15,9 @@ BLOCK = 16  # the block size the fusion graphs are traced with
 MAX_LEN = 4096  # our configs' max_position_embeddings: check_inputs' positions stay below it
 
 
-def run(gm, *passes) -> tuple[list[int], PassContext]:
+def run(gm, *passes, **context) -> tuple[list[int], PassContext]:
     """The passes in order as the pipeline runs them (dead-code elimination, lint, recompile after each)."""
-    ctx, counts = PassContext(max_seq_len=MAX_LEN), []
+    ctx, counts = PassContext(max_seq_len=MAX_LEN, **context), []
     for p in passes:
         counts.append(p.run(gm, ctx))
         gm.graph.eliminate_dead_code()
@@ -87,6 +87,22 @@ def test_the_cache_holds_what_the_runtime_would_have_written(fusion, family, dty
         assert torch.equal(step[2], runtime.k) and torch.equal(step[3], runtime.v), name
         assert not torch.equal(step[2], inputs[2])
         fusion.assert_model_outputs_close([logits, new_k, new_v], unpassed, dtype)
+
+
+def test_block_sparse_attention_writes_the_cache_too(fusion):
+    """With attention sparsity the paged steps call llmc.sparse_paged_attention: its keys write the cache as well,
+    and the logits stay exactly what the sparse graph computed when the engine wrote the cache."""
+    sparse = llmc.sparse_paged_attention.default
+    for name, gm, _ in fusion.graphs("llmc", "qwen3", torch.float32):
+        seq = 7 if name == "prefill" else 1
+        inputs, *_ = padded_step(fusion, torch.float32, seq)
+        run(gm, fold_rope, block_attention, attention_keep=0.3, attention_block=8)
+        expected = fusion.outputs(gm, cloned(inputs))
+        (count,), _ = run(gm, fuse_kv_write)
+        census = fusion.census(gm)
+        assert count == census[WRITE] == census[sparse] == fusion.LAYERS and PAGED not in census
+        got = fusion.outputs(gm, cloned(inputs))
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True)), name
 
 
 def test_attention_without_a_rope_or_a_slot_input_is_left_alone(fusion):

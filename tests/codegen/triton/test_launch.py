@@ -8,7 +8,10 @@ SHAPES = {"rms_norm": {"m": 3, "n": 80}, "add_rms_norm": {"m": 3, "n": 80},
           "norm_linear": {"m": 3, "n": 40, "k": 80}, "add_norm_linear": {"m": 3, "n": 40, "k": 80},
           "rope": {"m": 3, "n": 2, "k": 8}, "rope_write_kv": {"m": 3, "n": 2, "k": 8},
           "causal_attention": {"b": 2, "s": 5, "h": 4, "kv": 2, "d": 16, "window": 3},
-          "paged_attention": {"b": 2, "s": 3, "h": 4, "kv": 2, "d": 16, "past": 6, "bs": 4}}
+          "paged_attention": {"b": 2, "s": 3, "h": 4, "kv": 2, "d": 16, "past": 6, "bs": 4},
+          "sparse_paged_attention": {"b": 2, "s": 3, "h": 4, "kv": 2, "d": 16, "past": 6, "bs": 4, "keep": 0.5,
+                                     "block": 4},
+          "quant_linear": {"m": 3, "n": 40, "k": 128}}
 
 
 def test_interpreter_arch_under_triton_interpret():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmc.codegen import ops  # noqa: F401  (registers the llmc ops the test graphs call)
+from llmc.codegen import quant
 from llmc.codegen.triton import configs, hooks, launch, plan, render
 from llmc.codegen.triton.record import LibraryKernel, ShippedKernels, argument_type
 from llmc.compiler import pipeline
@@ -115,6 +116,13 @@ class EveryOp(torch.nn.Module):
         angles = torch.rand(128, HEAD_DIM) * 6.28  # the tables stay float32, as the rope op requires
         self.register_buffer("cos", angles.cos())
         self.register_buffer("sin", angles.sin())
+        # quant_linear: a weight-only scheme (one GEMM) and an a8 one (row quantizer, then the GEMM)
+        for scheme in ("int4_w4a16", "int8_w8a8"):
+            quantized = quant.quantize_weight(torch.randn(HIDDEN, HIDDEN), scheme, 32)
+            self.register_buffer(f"{scheme}_q", quantized.qweight)
+            self.register_buffer(f"{scheme}_scale", quantized.scale)
+            if quantized.zero is not None:
+                self.register_buffer(f"{scheme}_zero", quantized.zero)
 
     def forward(self, x, positions, k_cache, v_cache, block_table, past_lens):
         llmc = torch.ops.llmc
@@ -122,12 +130,17 @@ class EveryOp(torch.nn.Module):
         total, h = llmc.add_rms_norm(h, x, self.norm, 1e-6)
         up = llmc.norm_linear(h, self.gate_up, self.bias, 1e-6, "rms", "swiglu")
         total, out = llmc.add_norm_linear(up, up, self.down, None, 1e-6, "none", "none")
+        out = llmc.quant_linear(out, self.int4_w4a16_q, self.int4_w4a16_scale, self.int4_w4a16_zero, None, None,
+                                1e-6, "rms", "none", "int4_w4a16", 32)
+        out = llmc.quant_linear(out, self.int8_w8a8_q, self.int8_w8a8_scale, None, None, None, 1e-6, "none", "none",
+                                "int8_w8a8", 32)
         heads = out.view(out.shape[0], out.shape[1], HEADS, HEAD_DIM)
         q = llmc.rope(heads, positions, self.cos, self.sin, self.head_norm, 1e-6)
         k, v = q[:, :, :KV_HEADS], q[:, :, KV_HEADS:]
         causal = llmc.causal_attention(q, k, v, 0.25, 0)
         paged = llmc.paged_attention(q, k, v, k_cache[1], v_cache[1], block_table, past_lens, 0.25, 3)
-        return causal + paged, total
+        sparse = llmc.sparse_paged_attention(q, k, v, k_cache[1], v_cache[1], block_table, past_lens, 0.25, 3, 0.2, 8)
+        return causal + paged + sparse, total
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +173,8 @@ def every_op_graph():
 def test_every_launcher_is_planned(every_op_graph, arch):
     specs = plan.kernel_specs(every_op_graph, arch)
     assert {spec.op for spec in specs} == {kernel for kernels in launch.KERNELS.values() for kernel in kernels}
-    assert all(spec.launches == 1 for spec in specs)
+    # The dense and the sparse decode attention share the split-K combine kernel; every other kernel runs once.
+    assert {spec.op: spec.launches for spec in specs if spec.launches != 1} == {"attention_combine": 2}
     for spec in specs:
         assert list(spec.signature) == [n for n in _parameters(spec)]
         pointers = [name for name, kind in spec.signature.items() if kind.startswith("*")]

@@ -1,0 +1,38 @@
+"""llmc inspect's storage line: the bytes of a bundle's tensors by storage scheme, from graph.json's shapes."""
+import json
+
+import pytest
+
+import llmc
+from llmc.runtime.bundle import open_bundle
+from llmc.runtime.inspect import describe, weight_bytes_by_scheme
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(tmp_path_factory):
+    return llmc.compile("llmc-tiny", target="cpu", dtype="float32", quant="int4", quant_group_size=64,
+                        out=tmp_path_factory.mktemp("b") / "q.llmc")
+
+
+def test_int4_bytes_are_the_packed_weights_scales_and_zeros(int4_bundle):
+    bundle = open_bundle(int4_bundle, verify_hashes=False)
+    by_scheme = weight_bytes_by_scheme(bundle.graph, bundle.manifest["weight_aliases"])
+    # llmc-tiny: 4 layers of qkv [512, 256], o [256, 256], gate_up [1408, 256], down [256, 704]; group 64:
+    # per weight N*K/2 packed bytes + N*K/64 float32 scales + N*K/64 uint8 zeros.
+    gemms = [(512, 256), (256, 256), (1408, 256), (256, 704)]
+    expected = 4 * sum(n * k // 2 + n * k // 64 * 4 + n * k // 64 for n, k in gemms)
+    assert by_scheme["int4_w4a16"] == [expected, 16]
+    stored = sum(f.stat().st_size for f in (int4_bundle / "weights").glob("*.safetensors"))
+    total = sum(size for size, _ in by_scheme.values())
+    assert total <= stored < total + 64 * 1024  # safetensors adds only its JSON headers
+    line = next(line for line in describe(bundle) if line.startswith("storage"))
+    assert "int4_w4a16" in line and "(16 GEMMs)" in line and "float32" in line
+
+
+def test_tied_weights_are_counted_once():
+    graph = {"graphs": {"prefill": {"nodes": [
+        {"name": "a", "op": "get_attr", "target": "embed", "shape": [4, 8], "dtype": "bfloat16"},
+        {"name": "b", "op": "get_attr", "target": "lm_head", "shape": [4, 8], "dtype": "bfloat16"}]}}}
+    assert weight_bytes_by_scheme(graph, {}) == {"bfloat16": [128, 0]}
+    assert weight_bytes_by_scheme(graph, {"lm_head": "embed"}) == {"bfloat16": [64, 0]}
+    assert json.dumps(weight_bytes_by_scheme({"graphs": {}}, {})) == "{}"
