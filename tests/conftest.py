@@ -10,6 +10,7 @@ norms included, is freshly random, so a swapped or skipped weight changes the lo
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -153,3 +154,24 @@ def greedy_reference(model, prompt: list[int], new: int) -> list[int]:
 def hf_greedy():
     """greedy_reference(model, prompt ids, new tokens): what llmc's greedy generation must reproduce."""
     return greedy_reference
+
+
+@pytest.fixture(scope="module")
+def export_each_shape_once():
+    """torch.export of the paged step takes ~90% of a tiny compile (3.5 s) and depends only on the model's config,
+    dtype and KV block size (it traces a meta-device model; weights are bound afterwards, quantization comes
+    later): while this fixture is active, compiles reuse one export per model, each on its own deep copy. For test
+    modules that compile one model many ways; the export itself is tested without it (tests/compiler)."""
+    from llmc.compiler import trace as trace_module
+
+    real, exported = trace_module.export_step, {}
+
+    def export_step(model, block_size):
+        key = (json.dumps(model.config.to_dict(), sort_keys=True), str(next(model.parameters()).dtype), block_size)
+        if key not in exported:
+            exported[key] = real(model, block_size)
+        return copy.deepcopy(exported[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trace_module, "export_step", export_step)
+        yield

@@ -17,7 +17,6 @@ The tokenizer and calibration text (AWQ, SmoothQuant) are written beside each ch
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import llmc
-import llmc.compiler.trace as trace_module
 import llmc.passes.quantize as quantize_pass
 from llmc.codegen.quant import QuantizedWeight, dequantize_weight, quantize_weight
 from llmc.codegen.sparse_linear import decompress_24, prune_24
@@ -73,21 +71,8 @@ def write_word_tokenizer(directory) -> list[str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def export_each_shape_once():
-    """torch.export of the paged step takes ~90% of a tiny compile (3.5 s) and depends only on the model's config,
-    dtype and KV block size (it traces a meta-device model; weights are bound afterwards, quantization comes
-    later): the 33 compiles of this module reuse one export per model, each compile on its own deep copy."""
-    real, exported = trace_module.export_step, {}
-
-    def export_step(model, block_size):
-        key = (json.dumps(model.config.to_dict(), sort_keys=True), str(next(model.parameters()).dtype), block_size)
-        if key not in exported:
-            exported[key] = real(model, block_size)
-        return copy.deepcopy(exported[key])
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trace_module, "export_step", export_step)
-        yield
+def _one_export_per_model(export_each_shape_once):
+    """The 33 compiles of this module reuse one export per model (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
