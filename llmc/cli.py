@@ -81,10 +81,11 @@ def _inspect(a) -> None:
 
 def _eval(a) -> None:
     from llmc.runtime.engine import load
-    from llmc.runtime.evaluate import perplexity, read_token_ids
+    from llmc.runtime.evaluate import perplexity, read_text, token_ids
 
     if a.seq_len < 1 or a.batch < 1:
         raise ValueError("--seq-len and --batch must be at least 1")
+    text = read_text(a.perplexity)  # before the bundle loads: a wrong path fails fast
     # Room for one batch of windows, whatever the bundle's default pool (which must hold one max-length sequence).
     from llmc.runtime.bundle import open_bundle
 
@@ -92,7 +93,7 @@ def _eval(a) -> None:
     block = manifest["block_size"]
     tokens = max(a.batch * -(-a.seq_len // block) * block, manifest["max_seq_len"])
     engine = load(a.bundle, kv_cache_tokens=tokens, prefix_caching=False)
-    result = perplexity(engine, read_token_ids(engine, a.perplexity), a.seq_len, a.windows, a.batch)
+    result = perplexity(engine, token_ids(engine, text), a.seq_len, a.windows, a.batch)
     if a.json:
         print(json.dumps({"bundle": str(a.bundle), "file": str(a.perplexity), "dtype": engine.bundle.dtype,
                           "quant": engine.bundle.manifest.get("quant"), **result.to_dict()}))

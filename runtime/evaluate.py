@@ -34,14 +34,21 @@ class PerplexityResult:
                 f"{self.seq_len}), {self.seconds:.1f} s")
 
 
-def read_token_ids(engine, path) -> torch.Tensor:
-    if engine.tokenizer is None:
-        raise ValueError("this bundle has no tokenizer to read the perplexity file with")
+def read_text(path) -> str:
     try:
-        text = open(path, encoding="utf-8").read()
+        return open(path, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None
+
+
+def token_ids(engine, text: str) -> torch.Tensor:
+    if engine.tokenizer is None:
+        raise ValueError("this bundle has no tokenizer to read the perplexity file with")
     return torch.tensor(engine.tokenizer.encode(text).ids, dtype=torch.long)
+
+
+def read_token_ids(engine, path) -> torch.Tensor:
+    return token_ids(engine, read_text(path))
 
 
 @torch.no_grad()

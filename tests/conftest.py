@@ -17,9 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-# A fresh compile cache per test session (inherited by the subprocesses tests start): dynamo keeps state across
-# processes there (automatic-dynamic profiles), and a cache left by earlier runs changed recompile counts and broke
-# the torch.compile backend tests in a later full run (see the issue note). Set before torch compiles anything.
+# A fresh compile cache per test session: dynamo keeps state across processes there (automatic-dynamic profiles),
+# and a cache left by earlier runs made the torch.compile backend fail in a later run (a NameError inside the nested
+# export of a pattern trace; see the issue note). Set before torch compiles anything.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="llmc-tests-inductor-"))
 
 import pytest  # noqa: E402

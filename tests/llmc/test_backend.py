@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -133,9 +134,13 @@ print(json.dumps(counts))
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_new_lengths_do_not_recompile(family):
+def test_new_lengths_do_not_recompile(family, tmp_path):
+    # A process of its own with a compile cache of its own: dynamo's caches are process-wide, and its automatic-
+    # dynamic profiles persist in the cache directory across processes, so what earlier tests compiled changed the
+    # count (a user's first process starts from an empty cache, as this one does).
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     result = subprocess.run([sys.executable, "-c", RECOMPILES, family, json.dumps(SHAPE)], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     calls = json.loads(result.stdout.strip().splitlines()[-1])
     # First prompt: prefill, then decode at one past length and again once dynamo marks the length dynamic.

@@ -358,3 +358,19 @@ def test_bundle_holds_no_pickle(bundle):
             assert not (data[:1] == b"\x80" and data[1] in PICKLE_PROTOCOLS), f"{path} is a pickle"
         if path.suffix == ".json":
             json.loads(data)
+
+
+def test_eval_quant_and_build_engine_user_errors_are_one_line(bundle, checkpoint, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x\n" * 20, encoding="utf-8")
+    assert_user_error(llmc_cli("eval", bundle, "--perplexity", text), "no tokenizer to read the perplexity file")
+    assert_user_error(llmc_cli("eval", bundle, "--perplexity", tmp_path / "missing.txt"), "missing.txt")
+    out = tmp_path / "q.llmc"
+    assert_user_error(llmc_cli("compile", checkpoint.path, "--target", "cpu", "-o", out, "--quant", "int3"),
+                      "unknown quantization scheme 'int3'")
+    assert_user_error(llmc_cli("compile", checkpoint.path, "--target", "cpu", "-o", out, "--quant", "fp8",
+                               "--check-passes"), "judge them with llmc eval")
+    assert_user_error(llmc_cli("compile", checkpoint.path, "--target", "cpu", "-o", out, "--quant", "int8"),
+                      "--calibration FILE")
+    assert not out.exists()
+    assert_user_error(llmc_cli("build-engine", bundle), "TensorRT")
