@@ -175,3 +175,35 @@ def export_each_shape_once():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trace_module, "export_step", export_step)
         yield
+
+
+# ---- Attention test helpers (tests/codegen: the references and the Triton kernels) ---------------------------------
+
+def dense_attention_float64(q, keys, values, scale, query_positions, key_positions, window):
+    """One sequence: q [S, H, D], keys / values [T, Hkv, D] at their positions -> [S, H, D] float64, softmax over
+    the keys each query may see (causal, and within `window` if > 0)."""
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
+    scores = torch.einsum("shd,thd->hst", q.double(), keys) * scale
+    offset = query_positions[:, None] - key_positions[None, :]
+    visible = (offset >= 0) & (offset < window) if window > 0 else offset >= 0
+    return torch.einsum("hst,thd->shd", scores.masked_fill(~visible, float("-inf")).softmax(-1), values)
+
+
+def paged_step_inputs(dtype, past_lens, seq, heads=4, kv_heads=2, head_dim=16, block_size=4, device="cpu") -> list:
+    """[q, k, v, k_cache, v_cache, block_table, past_lens, scale] of a paged step: each sequence's blocks (room for
+    past + seq tokens) at shuffled ids of a cache with spare blocks; spare blocks and the table's padding entries
+    hold NaN, so reading past a sequence's blocks shows."""
+    needed = [-(-(past + seq) // block_size) for past in past_lens]
+    num_blocks = sum(needed) + 2
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
+    order = torch.randperm(num_blocks).tolist()
+    spare = order[sum(needed):]
+    k_cache[spare], v_cache[spare] = float("nan"), float("nan")
+    block_table = torch.full((len(past_lens), max(needed) + 1), spare[0])
+    for b, count in enumerate(needed):
+        block_table[b, :count], order = torch.tensor(order[:count]), order[count:]
+    q = torch.randn(len(past_lens), seq, heads, head_dim).to(dtype)
+    k, v = (torch.randn(len(past_lens), seq, kv_heads, head_dim).to(dtype) for _ in range(2))
+    tensors = [q, k, v, k_cache, v_cache, block_table, torch.tensor(past_lens)]
+    return [t.to(device) for t in tensors] + [head_dim ** -0.5]

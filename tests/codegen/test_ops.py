@@ -6,6 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import llmc.codegen.ops  # noqa: F401  (registers torch.ops.llmc)
 from llmc.models.transformer import RMSNorm
+from tests.conftest import dense_attention_float64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Output vs an exact float64 computation: only the final rounding to the output dtype separates them.
@@ -108,16 +109,6 @@ def test_export_round_trip_with_dynamic_dims():
 # ---- Attention references against the float64 dense formula ---------------------------------------------------
 # Inputs rounded to the dtype first, so only the reference's arithmetic separates the two.
 ATTENTION_TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-
-def dense_attention_float64(q, keys, values, scale, query_positions, key_positions, window):
-    """q [S, H, D], keys / values [T, Hkv, D], one sequence: softmax over the keys each query may see."""
-    group = q.shape[1] // keys.shape[1]
-    keys, values = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
-    scores = torch.einsum("shd,thd->hst", q.double(), keys) * scale
-    offset = query_positions[:, None] - key_positions[None, :]
-    visible = (offset >= 0) & (offset < window) if window > 0 else offset >= 0
-    return torch.einsum("hst,thd->shd", scores.masked_fill(~visible, float("-inf")).softmax(-1), values)
 
 
 def paged_float64(q, k, v, k_cache, v_cache, block_table, past_lens, scale, window):

@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import llmc.codegen.ops  # noqa: F401  (registers torch.ops.llmc, sparse_paged_attention with them)
 from llmc.codegen.sparse_attention import block_visibility, key_block_bound, query_block_count, select_blocks
+from tests.conftest import paged_step_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Against float64 (inputs rounded to the dtype first): the reference is SDPA, which sums in another order.
@@ -65,21 +66,8 @@ def sparse_float64(q, k, v, k_cache, v_cache, block_table, past_lens, scale, win
     return torch.stack(outs)
 
 
-def paged_inputs(dtype, past_lens, seq, heads=4, kv_heads=2, head_dim=16, block_size=4):
-    """Each sequence's blocks at shuffled ids of a cache with spare blocks; spare blocks and the table's padding
-    entries hold NaN, so reading one shows."""
-    needed = [-(-(past + seq) // block_size) for past in past_lens]
-    num_blocks = sum(needed) + 2
-    k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
-    order = torch.randperm(num_blocks).tolist()
-    spare = order[sum(needed):]
-    k_cache[spare], v_cache[spare] = float("nan"), float("nan")
-    block_table = torch.full((len(past_lens), max(needed) + 1), spare[0])
-    for b, count in enumerate(needed):
-        block_table[b, :count], order = torch.tensor(order[:count]), order[count:]
-    q = torch.randn(len(past_lens), seq, heads, head_dim).to(dtype)
-    k, v = (torch.randn(len(past_lens), seq, kv_heads, head_dim).to(dtype) for _ in range(2))
-    return [q, k, v, k_cache, v_cache, block_table, torch.tensor(past_lens), head_dim ** -0.5]
+def paged_inputs(dtype, past_lens, seq, **shape):
+    return paged_step_inputs(dtype, past_lens, seq, **shape)
 
 
 def select(inputs, window, keep, block) -> torch.Tensor:

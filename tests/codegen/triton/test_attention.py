@@ -8,6 +8,7 @@ import llmc.codegen.ops as ops
 from llmc.codegen.triton import configs
 from llmc.codegen.triton.configs import Config
 from llmc.codegen.triton.launch import launch_causal_attention, launch_paged_attention
+from tests.conftest import dense_attention_float64, paged_step_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Against float64: the kernels sum in another order than any reference and round the probabilities to the dtype
@@ -15,19 +16,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-def dense_float64(q, keys, values, scale, query_positions, key_positions, window):
-    """One sequence: q [S, H, D], keys / values [T, Hkv, D] at their positions -> [S, H, D] float64."""
-    group = q.shape[1] // keys.shape[1]
-    keys, values = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
-    scores = torch.einsum("shd,thd->hst", q.double(), keys) * scale
-    offset = query_positions[:, None] - key_positions[None, :]
-    visible = (offset >= 0) & (offset < window) if window > 0 else offset >= 0
-    return torch.einsum("hst,thd->shd", scores.masked_fill(~visible, float("-inf")).softmax(-1), values)
-
-
 def causal_float64(q, k, v, scale, window):
     positions = torch.arange(q.shape[1])
-    return torch.stack([dense_float64(q[b], k[b], v[b], scale, positions, positions, window)
+    return torch.stack([dense_attention_float64(q[b], k[b], v[b], scale, positions, positions, window)
                         for b in range(q.shape[0])])
 
 
@@ -38,7 +29,7 @@ def paged_float64(q, k, v, k_cache, v_cache, block_table, past_lens, scale, wind
         blocks = block_table[b, torch.arange(past) // block_size]
         slots = torch.arange(past) % block_size
         keys, values = torch.cat([k_cache[blocks, slots], k[b]]), torch.cat([v_cache[blocks, slots], v[b]])
-        outs.append(dense_float64(q[b], keys, values, scale, past + torch.arange(seq), torch.arange(past + seq),
+        outs.append(dense_attention_float64(q[b], keys, values, scale, past + torch.arange(seq), torch.arange(past + seq),
                                   window))
     return torch.stack(outs)
 
@@ -58,23 +49,8 @@ def rand(*shape, dtype, device):
     return torch.randn(*shape).to(dtype).to(device)
 
 
-def paged_inputs(dtype, device, past_lens, seq, heads=4, kv_heads=2, head_dim=16, block_size=4):
-    """A cache with spare blocks, each sequence's blocks at shuffled ids; spare blocks and the table's padding
-    entries hold NaN, so a kernel reading past a sequence's blocks shows it."""
-    needed = [-(-(past + seq) // block_size) for past in past_lens]
-    num_blocks = sum(needed) + 2
-    k_cache = rand(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cpu")
-    v_cache = rand(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cpu")
-    order = torch.randperm(num_blocks).tolist()
-    spare = order[sum(needed):]
-    k_cache[spare], v_cache[spare] = float("nan"), float("nan")
-    block_table = torch.full((len(past_lens), max(needed) + 1), spare[0])
-    for b, count in enumerate(needed):
-        block_table[b, :count], order = torch.tensor(order[:count]), order[count:]
-    q = rand(len(past_lens), seq, heads, head_dim, dtype=dtype, device=device)
-    k, v = (rand(len(past_lens), seq, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
-    return [q, k, v, k_cache.to(device), v_cache.to(device), block_table.to(device),
-            torch.tensor(past_lens).to(device), head_dim ** -0.5]
+def paged_inputs(dtype, device, past_lens, seq, **shape):
+    return paged_step_inputs(dtype, past_lens, seq, device=device, **shape)
 
 
 def cpu(tensors):

@@ -10,6 +10,7 @@ from llmc.codegen.sparse_attention import query_block_count, select_blocks
 from llmc.codegen.triton import configs, launch
 from llmc.codegen.triton.configs import Config
 from llmc.codegen.triton.sparse_attention import kept_lists, launch_sparse_paged_attention, tile_sizes
+from tests.conftest import paged_step_inputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Against float64: the kernel sums in another order than any reference and rounds the probabilities to the
@@ -17,26 +18,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-def rand(*shape, dtype, device):
-    return torch.randn(*shape).to(dtype).to(device)
-
-
-def paged_inputs(dtype, device, past_lens, seq, heads=4, kv_heads=2, head_dim=16, block_size=4):
-    """Each sequence's blocks at shuffled ids of a cache with spare blocks; spare blocks and the table's padding
-    entries hold NaN, so a kernel reading past a sequence's blocks shows it."""
-    needed = [-(-(past + seq) // block_size) for past in past_lens]
-    num_blocks = sum(needed) + 2
-    k_cache, v_cache = (rand(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cpu") for _ in range(2))
-    order = torch.randperm(num_blocks).tolist()
-    spare = order[sum(needed):]
-    k_cache[spare], v_cache[spare] = float("nan"), float("nan")
-    block_table = torch.full((len(past_lens), max(needed) + 1), spare[0])
-    for b, count in enumerate(needed):
-        block_table[b, :count], order = torch.tensor(order[:count]), order[count:]
-    q = rand(len(past_lens), seq, heads, head_dim, dtype=dtype, device=device)
-    k, v = (rand(len(past_lens), seq, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
-    return [q, k, v, k_cache.to(device), v_cache.to(device), block_table.to(device),
-            torch.tensor(past_lens).to(device), head_dim ** -0.5]
+def paged_inputs(dtype, device, past_lens, seq, **shape):
+    return paged_step_inputs(dtype, past_lens, seq, device=device, **shape)
 
 
 def cpu(tensors):
