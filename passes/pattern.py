@@ -14,6 +14,8 @@ later passes read dtypes and shapes from), checks it has the shape and dtype of 
 """
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -253,12 +255,30 @@ def replace_matches(gm: GraphModule, name: str, matches: Sequence[Match],
     return count
 
 
+@contextlib.contextmanager
+def _without_guard_checks():
+    """run_decompositions re-traces ep.module(), which inserts a `_guards_fn` checking the example inputs' shapes.
+    Inside a torch.compile backend (llmc/backend.py traces patterns lazily there), torch 2.13 sometimes generates
+    that function with dynamo's `L[...]` names left in: a NameError that depends on the hash seed (reproduced with
+    PYTHONHASHSEED=3). A pattern graph is only matched, never run on other inputs, so it needs no guards."""
+    original = torch.export.ExportedProgram.module
+
+    def module(self, check_guards=True):
+        return original(self, check_guards=False)
+
+    torch.export.ExportedProgram.module = module
+    try:
+        yield
+    finally:
+        torch.export.ExportedProgram.module = original
+
+
 def _trace(fn: Callable, inputs: tuple, scalars: dict) -> Graph:
     class Wrapped(torch.nn.Module):
         def forward(self, *args):
             return fn(*args, **scalars)
 
-    with torch.no_grad():
+    with torch.no_grad(), _without_guard_checks():
         ep = torch.export.export(Wrapped(), tuple(inputs)).run_decompositions({})
     graph = ep.graph_module.graph
     remove_assertions(graph)
