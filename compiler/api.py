@@ -19,7 +19,6 @@ from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
 from llmc.compiler.trace import cache_slots, example_inputs, trace
 from llmc.models import ModelConfig, Transformer
-from llmc.models.loader import stream_weights
 from llmc.targets import get_target, resolve_dtype
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -37,16 +36,19 @@ class CompileReport:
     seconds: dict = field(default_factory=dict)
     kernels: dict | None = None  # the AOT kernel report (compiler/kernels.py) for GPU targets
     export: dict | None = None  # the ONNX export's report (--backend onnx / tensorrt)
+    notes: list = field(default_factory=list)  # what happened to the stored weight formats (GGUF blocks)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "target": self.target, "dtype": self.dtype, "out": str(self.out),
-                "graphs": [p.to_dict() for p in self.pipelines], "kernels": self.kernels, "seconds": self.seconds}
+                "graphs": [p.to_dict() for p in self.pipelines], "kernels": self.kernels, "seconds": self.seconds,
+                "notes": self.notes}
 
     def format(self) -> str:
         head = f"{self.model} -> {self.target} ({self.dtype}): {self.out}"
         times = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
         kernels = [KernelBuild(files={}, report=self.kernels).format()] if self.kernels else []
-        return "\n\n".join([head, *(p.format() for p in self.pipelines), *kernels, f"time: {times}"])
+        notes = ["weights: " + "; ".join(self.notes)] if self.notes else []
+        return "\n\n".join([head, *notes, *(p.format() for p in self.pipelines), *kernels, f"time: {times}"])
 
 
 class _LastReport:
@@ -154,7 +156,7 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
                             group_size=quant_group_size)
     if options.backend != "triton":
         names = [n for n in names if n != "fuse_kv_write"]  # an ONNX graph returns new keys, it cannot write them
-    if (check_passes or options.backend != "triton" or options.calibration) and source.weights_dir is None:
+    if (check_passes or options.backend != "triton" or options.calibration) and not source.has_weights:
         what = ("--check-passes runs the graphs" if check_passes else
                 f"--backend {options.backend} validates the export" if options.backend != "triton" else "--calibration")
         raise ValueError(f"{what} and needs weights: give a checkpoint or --weights DIR")
@@ -281,9 +283,8 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     report = CompileReport(source.name, tgt.name, dtype_name)
     dtype = getattr(torch, dtype_name)
     net = meta_model(source, dtype)
-    weights = None
-    if source.weights_dir is not None:  # streamed into the graph: one copy of the weights, never two
-        weights = stream_weights(source.weights_dir, source.config, dtype, progress)
+    report.notes = source.weight_notes(dtype_name)
+    weights = source.weight_stream(dtype, progress)  # streamed into the graph: one copy of the weights, never two
     t1 = time.perf_counter()
     graphs = trace(net, BLOCK_SIZE, weights)
     samples = {t.name: check_inputs(net, t.name, max_seq_len) for t in graphs} if check else {}
@@ -324,7 +325,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         **({"calibration": calibration.record} if calibration else {}),
         **({"onnx": {"file": "onnx/model.onnx", **report.export}} if options.backend != "triton" else {}),
         "block_size": BLOCK_SIZE,
-        "has_weights": source.weights_dir is not None,
+        "has_weights": source.has_weights,
         "eos_token_ids": source.eos_token_ids,
         "passes": [{"graph": p.graph, **r} for p in report.pipelines for r in p.to_dict()["records"]],
         **({"kernels": kernels.report} if kernels else {}),
@@ -336,7 +337,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         raise ValueError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
     tensors = collect_weights(graphs)
     graph["memory"] = plan.plan_bundle(graphs, source.config, dtype, BLOCK_SIZE, max_seq_len, tensors)
-    weight_stream = sorted(tensors.items()) if source.weights_dir is not None else None
+    weight_stream = sorted(tensors.items()) if source.has_weights else None
     if options.backend != "triton":  # the weights live in the ONNX model (external data): not stored twice
         weight_stream, manifest["weights_in"] = None, "onnx/model.onnx" 
     with scratch:

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from .rope import ROPE_TYPES
 
-ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 @dataclass
 class ModelConfig:
-    family: str  # "qwen3" | "llama"
+    family: str  # "qwen3" | "qwen2" | "llama"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -29,7 +29,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
-    attention_bias: bool = False
+    attention_bias: bool = False  # Llama's flag: bias on q, k, v and o (Qwen2 has q, k, v bias always, o never)
     dtype: str = "bfloat16"  # the dtype the checkpoint is published in
     extra: dict = field(default_factory=dict)  # untouched keys of config.json, kept for round trips
 
@@ -41,6 +41,10 @@ class ModelConfig:
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope scaling type {rope_type!r} (llmc supports {', '.join(ROPE_TYPES)})")
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.attention_bias or self.family == "qwen2"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,9 +62,9 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> ModelConfig:
         """From a Hugging Face config.json dict (Hub or transformers-5 spelling)."""
         model_type = hf.get("model_type", "")
-        family = {"qwen3": "qwen3", "llama": "llama"}.get(model_type)
+        family = model_type if model_type in ARCHITECTURES else None
         if family is None:
-            raise ValueError(f"unsupported model_type {model_type!r} (llmc supports qwen3 and llama)")
+            raise ValueError(f"unsupported model_type {model_type!r} (llmc supports {', '.join(ARCHITECTURES)})")
         # Variants the model definition does not implement: refusing beats loading a silently different model.
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} (llmc supports silu)")
@@ -92,7 +96,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qk_norm=family == "qwen3",
-            attention_bias=bool(hf.get("attention_bias", False)),
+            attention_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
             dtype=str(dtype).removeprefix("torch."),
         )
 

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from llmc.models import Transformer
-from llmc.models.registry import CONFIGS, EMBEDDED_NAME, get_config, names
+from llmc.models.registry import CONFIGS, EMBEDDED_NAME, PACKAGED, get_config, names
 
 # Parameter counts as published on each model card (billions, embeddings included).
 PUBLISHED_PARAMS = {"qwen3-0.6b": 0.596, "qwen3-1.7b": 1.72, "qwen3-4b": 4.02, "qwen3-8b": 8.19, "qwen3-14b": 14.77,
@@ -14,7 +14,7 @@ HF_CLASSES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, L
 
 def test_every_registry_name_is_listed():
     assert set(CONFIGS) == set(PUBLISHED_PARAMS)
-    assert names() == sorted([*CONFIGS, EMBEDDED_NAME])
+    assert names() == sorted([*CONFIGS, EMBEDDED_NAME, *PACKAGED])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
