@@ -26,6 +26,9 @@ def _compile(a) -> None:
     report = llmc.last_report()
     if a.explain:
         print(report.format())
+    else:
+        for note in report.notes:
+            print(f"weights: {note}")
     checked = " (every pass checked numerically)" if a.check_passes else ""
     seconds = time.perf_counter() - t
     print(f"compiled {report.model} for {report.target} ({report.dtype}) -> {out} in {seconds:.1f}s{checked}")
@@ -39,7 +42,8 @@ def _bind(a) -> None:
     print(f"bound {a.weights} -> {out} in {time.perf_counter() - t:.1f}s")
 
 
-def _run(a) -> None:
+def _load_engine(a):
+    """The engine of `run` and `chat`, and the seconds it took to load."""
     from llmc.runtime.engine import load
 
     t = time.perf_counter()
@@ -49,17 +53,79 @@ def _run(a) -> None:
     load_s = time.perf_counter() - t
     if a.verbose:
         print(engine.cache.describe(), file=sys.stderr)
-    if a.token_ids:
-        prompt = parse_token_ids(a.prompt)
-    else:
-        prompt = engine.encode(a.prompt)
-    out = engine.generate([prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                          seed=a.seed)[0]
-    text = " ".join(map(str, out)) if a.token_ids or engine.tokenizer is None else a.prompt + engine.decode(out)
-    print(text, flush=True)
-    if a.verbose:
+    return engine, load_s
+
+
+def _sampling(a) -> dict:
+    # A chat reply ends at the model's end of turn: it gets room for a whole answer; a plain prompt a short sample.
+    new = a.max_new_tokens if a.max_new_tokens is not None else 256 if getattr(a, "chat", True) is not None else 64
+    return dict(max_new_tokens=new, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+
+
+def _print_piece(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _print_timing(engine, load_s: float | None, verbose: bool) -> None:
+    if verbose:
         print(f"KV {engine.kv_stats.summary()}", file=sys.stderr)
-    print(f"[load {load_s * 1e3:.0f} ms; {engine.timing.summary()}]", file=sys.stderr)
+    load = f"load {load_s * 1e3:.0f} ms; " if load_s is not None else ""
+    print(f"[{load}{engine.timing.summary()}]", file=sys.stderr)
+
+
+def _run(a) -> None:
+    from llmc.runtime.chat import Conversation
+
+    if a.chat is not None and a.token_ids:
+        raise ValueError("--token-ids goes with --prompt: a --chat message is text")
+    if a.system is not None and a.chat is None:
+        raise ValueError("--system goes with --chat: a --prompt is continued as it is, without a chat template")
+    engine, load_s = _load_engine(a)
+    if a.chat is not None:
+        Conversation(engine, a.system).send(a.chat, on_text=_print_piece, **_sampling(a))
+        print(flush=True)
+    else:
+        prompt = parse_token_ids(a.prompt) if a.token_ids else engine.encode(a.prompt)
+        out = engine.generate([prompt], **_sampling(a))[0]
+        text = " ".join(map(str, out)) if a.token_ids or engine.tokenizer is None else a.prompt + engine.decode(out)
+        print(text, flush=True)
+    _print_timing(engine, load_s, a.verbose)
+
+
+def _chat(a) -> None:
+    """Multi-turn chat on stdin / stdout: /exit or end of input quits; Ctrl-C during a reply stops that reply."""
+    from llmc.runtime.chat import Conversation
+
+    engine, load_s = _load_engine(a)
+    conversation = Conversation(engine, a.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"chatting with {a.bundle}: /exit or Ctrl-D quits, Ctrl-C stops a reply", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() == "/exit":
+            break
+        if not line.strip():
+            continue
+        try:
+            conversation.send(line, on_text=_print_piece, **_sampling(a))
+        except KeyboardInterrupt:  # the reply so far stays in the conversation
+            print(flush=True)
+            print("[reply stopped]", file=sys.stderr)
+            continue
+        print(flush=True)
+        _print_timing(engine, load_s, a.verbose)
+        load_s = None
+    if interactive:
+        print()
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -132,6 +198,27 @@ def _targets(a) -> None:
     print(format_targets())
 
 
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    """The options `run` and `chat` share: the bundle, the system message, sampling and the KV cache."""
+    p.add_argument("bundle")
+    p.add_argument("--system", metavar="TEXT", help="a system message to begin the chat with (run: with --chat)")
+    p.add_argument("--max-new-tokens", type=int, help="default 256 for a chat reply, 64 for --prompt")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--kv-cache-memory", metavar="SIZE",
+                   help="device KV cache budget: bytes or 512MiB, 2GiB ... (default: room for 4 max-length "
+                        "sequences, at most 90%% of free GPU memory)")
+    p.add_argument("--kv-cache-fraction", type=float, metavar="F",
+                   help="device KV cache budget as a fraction of the GPU memory free after loading weights (CUDA)")
+    p.add_argument("--kv-offload-memory", metavar="SIZE",
+                   help="host memory that preempted sequences are swapped to (default none: they are recomputed)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt blocks")
+    p.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="prefill long prompts N tokens at a time (default 512)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the KV cache's size and what it did")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmc", description="Ahead-of-time compiler for LLM inference.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -170,25 +257,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", help="write the bound bundle here (default: replace BUNDLE)")
     b.set_defaults(fn=_bind)
     r = sub.add_parser("run", help="load a bundle and generate")
-    r.add_argument("bundle")
-    r.add_argument("--prompt", required=True)
+    text = r.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text to continue")
+    text.add_argument("--chat", metavar="MESSAGE", help="a user message to reply to, with the model's chat template")
     r.add_argument("--token-ids", action="store_true", help="the prompt is token ids, and so is the output")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int)
-    r.add_argument("--kv-cache-memory", metavar="SIZE",
-                   help="device KV cache budget: bytes or 512MiB, 2GiB ... (default: room for 4 max-length "
-                        "sequences, at most 90%% of free GPU memory)")
-    r.add_argument("--kv-cache-fraction", type=float, metavar="F",
-                   help="device KV cache budget as a fraction of the GPU memory free after loading weights (CUDA)")
-    r.add_argument("--kv-offload-memory", metavar="SIZE",
-                   help="host memory that preempted sequences are swapped to (default none: they are recomputed)")
-    r.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt blocks")
-    r.add_argument("--prefill-chunk", type=int, metavar="N",
-                   help="prefill long prompts N tokens at a time (default 512)")
-    r.add_argument("-v", "--verbose", action="store_true", help="print the KV cache's size and what it did")
+    _add_generation_options(r)
     r.set_defaults(fn=_run)
+    ch = sub.add_parser("chat", help="chat with a bundle's model on the terminal (multi-turn)")
+    _add_generation_options(ch)
+    ch.set_defaults(fn=_chat)
     i = sub.add_parser("inspect", help="describe a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true", help="print the whole manifest")

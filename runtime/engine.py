@@ -10,7 +10,9 @@ the step, it runs the block transfers the scheduler decided (copy-on-write, swap
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs cal
 from llmc.codegen.graph_io import graph_from_json
 from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
+from llmc.runtime.chat import ChatTemplate, stream_text
 from llmc.runtime.kv_cache import PagedKVCache, block_bytes, format_bytes, parse_memory_size
 from llmc.runtime.sampling import make_generators, sample
 from llmc.runtime.scheduler import Scheduler, Sequence
@@ -77,8 +80,12 @@ class Engine:
         return set(self.bundle.manifest.get("eos_token_ids") or [])
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[list[int]]:
-        """The new tokens of each prompt (ending at an end-of-sequence token if one is produced)."""
+                 top_p: float = 1.0, seed: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """The new tokens of each prompt (ending at an end-of-sequence token if one is produced).
+
+        on_token(index, token_id) is called as each token is generated, index being its prompt's position in
+        prompts: what it receives for an index, in order, is that prompt's returned list."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         for i, p in enumerate(prompts):
@@ -100,7 +107,7 @@ class Engine:
         generators = make_generators(seed, [s.seq_id for s in seqs]) if temperature > 0 else None
         self.timing = Timing()
         try:
-            self._run(scheduler, temperature, top_p, generators)
+            self._run(scheduler, temperature, top_p, generators, on_token)
         except BaseException:
             # Interrupted (or failed) mid-generation: give the blocks back, and forget what the device blocks hold,
             # since a step may have stopped between deciding block transfers and running them.
@@ -110,7 +117,8 @@ class Engine:
             raise
         return [s.output for s in seqs]
 
-    def _run(self, scheduler: Scheduler, temperature: float, top_p: float, generators) -> None:
+    def _run(self, scheduler: Scheduler, temperature: float, top_p: float, generators,
+             on_token: Callable[[int, int], None] | None) -> None:
         start = time.perf_counter()
         while scheduler.has_work:
             step = scheduler.schedule()
@@ -134,6 +142,8 @@ class Engine:
                 for s, tok in zip(samplers, tokens):
                     s.output.append(tok)
                     scheduler.commit(s)
+                    if on_token is not None:
+                        on_token(s.seq_id, tok)
                     if len(s.output) >= s.max_new_tokens or tok in self.eos_token_ids:
                         scheduler.finish(s)
                 self._record(kind, computed, time.perf_counter() - t, start)
@@ -210,6 +220,36 @@ class Engine:
         nowhere = torch.full((1, 1), -1, dtype=torch.long, device=dev)  # a graph that writes the cache skips -1
         for graph in self.graphs.values():
             graph(one, one, self.cache.k, self.cache.v, table, zero, zero, nowhere)
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        """The bundle's chat template (read on first use); ValueError when it has none."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.bundle.path} has no tokenizer, so it cannot chat; generate from token ids "
+                             f"instead (llmc run --prompt IDS --token-ids)")
+        template = ChatTemplate.from_dir(self.bundle.tokenizer_dir)
+        if template is None:
+            raise ValueError(f"{self.bundle.path} has no chat template (its model's tokenizer defines none); "
+                             f"generate from plain text instead (llmc run --prompt TEXT)")
+        return template
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The token ids of messages rendered with the chat template, ending where the assistant's reply begins."""
+        return self.chat_template.encode(self.tokenizer, messages)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
+        """The assistant's reply to messages ([{"role": "user", "content": "..."}, ...]), ending at the model's end
+        of turn (an eos_token_ids token, not part of the text), or after max_new_tokens, or where the conversation
+        reaches the bundle's max_seq_len. on_text(piece) receives the reply as it is generated, in pieces that
+        are whole characters; joined, they are the reply."""
+        prompt = self.chat_prompt(messages)
+        room = self.max_seq_len - len(prompt)
+        if room < 1:
+            raise PromptTooLongError(f"the conversation has {len(prompt)} tokens, which leaves no room for a reply "
+                                     f"within the bundle's maximum sequence length {self.max_seq_len} (start a new "
+                                     f"chat, or recompile with a larger --max-seq-len)")
+        return stream_text(self, prompt, min(max_new_tokens, room), temperature, top_p, seed, on_text)
 
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:

@@ -177,6 +177,46 @@ def export_each_shape_once():
         yield
 
 
+# ---- Chat: the embedded model with a chat template -------------------------------------------------------------
+
+EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "models" / "embedded"
+# SmolLM2-Instruct's template (ChatML): a default system message when the chat has none.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def embedded_model_with_template(path: Path, template: str) -> Path:
+    """A copy of the embedded model (llmc-tiny) whose tokenizer_config.json holds a chat template."""
+    path.mkdir(parents=True)
+    for source in EMBEDDED_DIR.iterdir():
+        if source.name != "tokenizer_config.json":
+            os.symlink(source, path / source.name)  # 8 MB of weights: linked, not copied
+    config = json.loads((EMBEDDED_DIR / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_bundle(tmp_path_factory):
+    """The embedded model compiled for the CPU with a ChatML chat template (its end of turn: <|endoftext|>)."""
+    root = tmp_path_factory.mktemp("chat")
+    model = embedded_model_with_template(root / "llmc-tiny-chat", CHATML_TEMPLATE)
+    from llmc.compiler.api import compile
+
+    return compile(model, "cpu", root / "chat.llmc")
+
+
+@pytest.fixture(scope="session")
+def no_template_bundle(tmp_path_factory):
+    """The embedded model compiled as it ships: a tokenizer, but no chat template."""
+    from llmc.compiler.api import compile
+
+    return compile("llmc-tiny", "cpu", tmp_path_factory.mktemp("plain") / "plain.llmc")
+
+
 # ---- Attention test helpers (tests/codegen: the references and the Triton kernels) ---------------------------------
 
 def dense_attention_float64(q, keys, values, scale, query_positions, key_positions, window):

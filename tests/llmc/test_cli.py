@@ -169,6 +169,80 @@ def test_run_prints_the_tokens_the_python_api_generates(bundle, checkpoint):
                         r"decode 7 tokens in [\d.]+ ms \([\d.]+ tok/s\)\]", timing), result.stderr
 
 
+TIMING = (r"prefill \d+ tokens in [\d.]+ ms, time to first token [\d.]+ ms; "
+          r"decode \d+ tokens in [\d.]+ ms \([\d.]+ tok/s\)")
+
+
+def test_run_chat_prints_the_reply_the_python_api_gives(chat_bundle):
+    message, system = "Écris une fonction, s'il te plaît: 中文 🙂", "You write Python."
+    result = llmc_cli("run", chat_bundle, "--chat", message, "--system", system, "--max-new-tokens", 24)
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": message}]
+    reply = llmc.load(chat_bundle).chat(messages, max_new_tokens=24)
+    assert reply and result.stdout == reply + "\n"
+    assert re.fullmatch(rf"\[load \d+ ms; {TIMING}\]", result.stderr.strip().splitlines()[-1]), result.stderr
+
+
+def test_chat_reads_turns_until_exit_and_keeps_the_history(chat_bundle):
+    """Two turns from stdin, then /exit (what follows is not read); the replies are those of a Python-API
+    Conversation, whose second prompt holds the first reply (tests/runtime/test_chat.py)."""
+    from llmc.runtime.chat import Conversation
+
+    result = subprocess.run([sys.executable, "-m", "llmc.cli", "chat", str(chat_bundle), "--max-new-tokens", "16"],
+                            input="def main(\n\nand then?\n/exit\nnot read\n", capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    conversation = Conversation(llmc.load(chat_bundle))
+    replies = [conversation.send(text, max_new_tokens=16) for text in ("def main(", "and then?")]
+    assert result.stdout == "".join(reply + "\n" for reply in replies)
+    timings = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(timings) == 2 and timings[0].startswith("[load ") and re.fullmatch(rf"\[{TIMING}\]", timings[1])
+    ended = subprocess.run([sys.executable, "-m", "llmc.cli", "chat", str(chat_bundle), "--max-new-tokens", "4"],
+                           input="hello\n", capture_output=True, text=True, timeout=300)  # end of input quits too
+    assert ended.returncode == 0 and ended.stdout.endswith("\n") and "Traceback" not in ended.stderr, ended.stderr
+
+
+# Slows each streamed token, so that SIGINT lands while a reply is being generated.
+SLOW_CHAT = """
+import sys, time
+from llmc.runtime import chat
+from llmc.cli import main
+add = chat.IncrementalDetokenizer.add
+def slow_add(self, token_id):
+    time.sleep(0.1)
+    return add(self, token_id)
+chat.IncrementalDetokenizer.add = slow_add
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(chat_bundle):
+    process = subprocess.Popen([sys.executable, "-c", SLOW_CHAT, "chat", str(chat_bundle), "--max-new-tokens", "30"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        process.stdin.write("import os\n")
+        process.stdin.flush()
+        first = process.stdout.read(1)  # the reply has begun
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate("and then?\n/exit\n", timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stdout + stderr
+    assert first and stdout.endswith("\n") and "Traceback" not in stderr, stderr
+    # The stopped reply prints no timing; the next one, complete, does.
+    notes = [line for line in stderr.splitlines() if line.startswith("[")]
+    assert len(notes) == 2 and notes[0] == "[reply stopped]" and notes[1].startswith("[load "), stderr
+
+
+def test_chat_needs_a_chat_template(no_template_bundle, bundle):
+    assert_user_error(llmc_cli("run", no_template_bundle, "--chat", "hello"), "no chat template", "--prompt")
+    assert_user_error(llmc_cli("chat", no_template_bundle), "no chat template", "--prompt")
+    assert_user_error(llmc_cli("run", bundle, "--chat", "hello"), "no tokenizer", "--token-ids")
+    assert_user_error(llmc_cli("run", bundle, "--chat", "3 5", "--token-ids"), "--token-ids goes with --prompt")
+    assert_user_error(llmc_cli("run", bundle, "--prompt", "3 5", "--token-ids", "--system", "x"), "--system")
+
+
 def test_targets_lists_every_target_through_the_console_script():
     script = Path(sys.executable).with_name("llmc")
     assert script.is_file(), f"the llmc console script is not installed next to {sys.executable}"

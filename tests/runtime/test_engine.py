@@ -150,6 +150,27 @@ def test_small_pool_with_sharing_and_preemption_generates_the_unbounded_tokens(t
     assert engine.cache.pool.num_free == engine.cache.pool.num_blocks
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_on_token_streams_each_prompts_tokens_as_they_are_generated(tiny_bundle, unbounded_run, temperature):
+    """Through forks, prefix sharing and preemption (a small pool): each prompt's streamed tokens are its returned
+    tokens, in order, and they arrive step by step, not at the end."""
+    _, bundle = tiny_bundle
+    prompts, want = unbounded_run
+    engine = llmc.load(bundle, kv_cache_tokens=10 * 16, max_batch=8)
+    streamed = {i: [] for i in range(len(prompts))}
+    steps_seen = []
+
+    def on_token(index, token):
+        streamed[index].append(token)
+        steps_seen.append(engine.timing.steps)
+
+    got = engine.generate(prompts, max_new_tokens=24, temperature=temperature, seed=11, on_token=on_token)
+    assert got == want[temperature]
+    assert [streamed[i] for i in range(len(prompts))] == got
+    assert engine.kv_stats.preempted_to_recompute > 0 and engine.kv_stats.forked_sequences >= 1, engine.kv_stats
+    assert len(set(steps_seen)) == engine.timing.steps, "tokens were not handed out at each step"
+
+
 def test_prompts_sharing_a_long_prefix_hold_fewer_blocks(tiny_bundle):
     _, bundle = tiny_bundle
     prefix = torch.randint(0, 97, (64,)).tolist()  # 4 full blocks of 16
