@@ -272,14 +272,18 @@ def _export_decompositions():
 
 def _visible_max_positions() -> int | None:
     """max_position_embeddings of a `config` among the locals of the frame dynamo compiles (the model's
-    forward: `self.config`), or None."""
+    forward: `self.config`), or in its `args` / `kwargs` (transformers 5 wraps forward in decorators whose frame
+    holds the model as args[0]), or None."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     try:
         frame_locals = InstructionTranslator.current_tx().f_locals
     except AttributeError:  # not inside dynamo's frame conversion (a direct call of the backend)
         return None
+    values = list(frame_locals.values())
     for value in frame_locals.values():
+        values.extend(value if isinstance(value, tuple | list) else value.values() if isinstance(value, dict) else ())
+    for value in values:
         length = getattr(getattr(value, "config", None), "max_position_embeddings", None)
         if isinstance(length, int) and length > 0:
             return length

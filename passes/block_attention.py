@@ -181,16 +181,43 @@ def transformers_sliding_mask(positions, batch_range, q_range, kv_range, window=
     return (same_sequence & (inside & (key <= query))).expand(b, -1, s, s)
 
 
+def transformers_causal_mask_positions_first(positions, batch_range, q_range, kv_range):
+    """transformers 5.2x's order: and_masks(mask on positions, packed-sequence ids)."""
+    same_sequence, query, key, b, s, qi = _positions_first(positions, batch_range, q_range, kv_range)
+    causal = qi.new_ones((), dtype=torch.bool) & (key <= query)
+    return (causal & same_sequence).expand(b, -1, s, s)
+
+
+def transformers_sliding_mask_positions_first(positions, batch_range, q_range, kv_range, window=WINDOW):
+    same_sequence, query, key, b, s, qi = _positions_first(positions, batch_range, q_range, kv_range)
+    inside = query.new_ones((), dtype=torch.bool) & (key > query - window)
+    causal = qi.new_ones((), dtype=torch.bool) & (inside & (key <= query))
+    return (causal & same_sequence).expand(b, -1, s, s)
+
+
+def _positions_first(positions, batch_range, q_range, kv_range):
+    """As _packed_sequences, for the masks that test the positions before the packed-sequence ids."""
+    b, s = batch_range.shape[0], positions.shape[1]
+    position_ids = positions.expand(b, -1)
+    first = position_ids[:, :1] - 1
+    packed = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    bi = batch_range[:, None, None, None]
+    qi, ki = (q_range + 0)[None, None, :, None], (kv_range + 0)[None, None, None, :]
+    position_ids = positions.expand(b, -1)
+    query, key = position_ids[bi, qi], position_ids[bi, ki]
+    return packed[bi, qi] == packed[bi, ki], query, key, b, s, qi
+
+
 def _ranges(_):
     return torch.arange(S)[None], torch.arange(B), torch.arange(S), torch.arange(S)
 
 
 PAGED_MASK = Pattern("paged_mask", [paged_mask], lambda _: (torch.randint(0, 9, (B,)),), dtypes=(torch.float32,),
                      free_literal_ops=SIZE_OPS)
-CAUSAL_MASKS = [Pattern("causal_mask", [transformers_causal_mask], _ranges, dtypes=(torch.float32,),
-                        free_literal_ops=SIZE_OPS),
-                Pattern("sliding_mask", [transformers_sliding_mask], _ranges, dtypes=(torch.float32,),
-                        scalars={"window": WINDOW}, free_literal_ops=SIZE_OPS)]
+CAUSAL_MASKS = [Pattern("causal_mask", [transformers_causal_mask, transformers_causal_mask_positions_first], _ranges,
+                        dtypes=(torch.float32,), free_literal_ops=SIZE_OPS),
+                Pattern("sliding_mask", [transformers_sliding_mask, transformers_sliding_mask_positions_first],
+                        _ranges, dtypes=(torch.float32,), scalars={"window": WINDOW}, free_literal_ops=SIZE_OPS)]
 
 
 @functools.cache

@@ -108,7 +108,8 @@ def test_targets_get_their_arch(tiny_fp16_graphs, target, arch):
     assert index["archs"] == [arch.rstrip("a")]
     assert index["kernels"] and build.report["kernels_compiled"] == len(index["kernels"])
     for key, entry in index["kernels"].items():
-        assert cubin_arch(build.files[entry["archs"][arch.rstrip("a")]["cubin"]]) == arch
+        # Triton <= 3.8 builds sm_90 as sm_90a, 3.9 as plain sm_90.
+        assert cubin_arch(build.files[entry["archs"][arch.rstrip("a")]["cubin"]]).rstrip("a") == arch.rstrip("a")
         assert "*bf16" not in [kind for _, kind in entry["signature"]], "t4 has no bf16: the graphs are fp16"
         assert f"src/{key}.py" in build.files
 

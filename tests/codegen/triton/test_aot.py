@@ -125,12 +125,13 @@ def test_cubin_is_a_cuda_elf_for_its_arch(every_arch, arch):
     artifact = entry.artifacts[arch]
     header = elf_header(artifact.cubin)
     assert header["machine"] == EM_CUDA
-    assert header["abi_version"] == 7
+    assert header["abi_version"] in (7, 8)  # 8 from the ptxas of triton 3.9, same flags layout
     sm, arch_specific = sm_from_flags(header)
     assert f"sm_{sm}" == arch
-    assert (header["flags"] >> 16) & 0xFF == sm, "the virtual SM (PTX target) is the same arch"
-    # Triton targets sm_90a on Hopper (wgmma, TMA): its cubins run on compute capability 9.0 only.
-    assert arch_specific == (arch == "sm_90")
+    if header["abi_version"] == 7:  # ABI 8 (CUDA 13's ptxas) does not keep the virtual SM there
+        assert (header["flags"] >> 16) & 0xFF == sm, "the virtual SM (PTX target) is the same arch"
+    # Triton <= 3.8 targets sm_90a on Hopper (wgmma, TMA), 3.9 plain sm_90; never arch-specific elsewhere.
+    assert not arch_specific or arch == "sm_90"
     assert artifact.metadata["name"] == "scaled_add"
     assert artifact.metadata["target"] == {"backend": "cuda", "arch": parse_arch(arch), "warp_size": 32}
     assert artifact.metadata["num_warps"] == 4 and artifact.metadata["shared"] >= 0

@@ -231,6 +231,8 @@ def test_attention_kernels_cross_compile_to_cuda_elf(attention_cubins):
         for arch in ("sm_80", "sm_90"):
             artifact = entry.artifacts[arch]
             assert artifact.cubin[:4] == b"\x7fELF" and int.from_bytes(artifact.cubin[18:20], "little") == 190
-            assert cubin_arch(artifact.cubin) == (arch + "a" if arch == "sm_90" else arch), "Triton builds sm_90a"
+            # Triton <= 3.8 builds sm_90 as arch-specific sm_90a, 3.9 as plain sm_90: both run on 9.0 (the loader
+            # accepts either, runtime/kernels.py).
+            assert cubin_arch(artifact.cubin).removesuffix("a") == arch
             assert artifact.metadata["name"] == entry.spec.name
             assert 0 < artifact.metadata["shared"] <= configs.SHARED_MEMORY[arch]
