@@ -7,6 +7,7 @@ shipping SKU (A100 80 GB SXM, H100 SXM, H200 SXM).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 KNOWN_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 
@@ -17,6 +18,11 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16",
     "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn", "e4m3": "float8_e4m3fn",
 }
+
+# CPU instruction sets a bundle may require, weakest first: a host runs the bundles of its own level and below.
+# "baseline" asks for nothing (any x86-64 or Arm host), avx512 means AVX-512 F/BW/VL, amx AMX-BF16 tiles beside
+# avx512_bf16.
+CPU_ISAS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")
 
 # fp8 tensor-core GEMMs arrive with Ada (sm_89); Turing (sm_75) has no bf16 arithmetic.
 FP8_MIN_CAPABILITY = (8, 9)
@@ -36,6 +42,7 @@ class Target:
     sm_count: int | None
     dtypes: tuple[str, ...]
     default_dtype: str
+    isa: str | None = None  # cpu: the instruction set the bundle requires (CPU_ISAS); None for GPUs
 
     def __post_init__(self):
         unknown = [d for d in self.dtypes if d not in KNOWN_DTYPES]
@@ -45,6 +52,9 @@ class Target:
             raise ValueError(f"target {self.name}: default dtype {self.default_dtype} is not among its dtypes")
         if (self.arch == "cpu") != (self.capability is None):
             raise ValueError(f"target {self.name}: a cpu arch has no capability and a GPU arch needs one")
+        if (self.arch == "cpu") != (self.isa is not None) or (self.isa is not None and self.isa not in CPU_ISAS):
+            raise ValueError(f"target {self.name}: a cpu target needs an instruction set of {', '.join(CPU_ISAS)}, "
+                             f"a GPU none (got {self.isa!r})")
 
     @property
     def is_gpu(self) -> bool:
@@ -62,6 +72,7 @@ class Target:
             "sm_count": self.sm_count,
             "dtypes": list(self.dtypes),
             "default_dtype": self.default_dtype,
+            "isa": self.isa,
         }
 
     @classmethod
@@ -77,6 +88,8 @@ class Target:
                 sm_count=d["sm_count"],
                 dtypes=tuple(d["dtypes"]),
                 default_dtype=d["default_dtype"],
+                # Bundles written before the ISA was recorded ask for nothing beyond the baseline.
+                isa=d.get("isa") or ("baseline" if d["arch"] == "cpu" else None),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed target description {d!r}: {e}") from None
@@ -90,8 +103,40 @@ def _gpu(name: str, major: int, minor: int, memory_gb: int, sm_count: int) -> Ta
     return Target(name, f"sm_{major}{minor}", capability, memory_gb, sm_count, tuple(dtypes), dtypes[0])
 
 
+def cpu_flags() -> set[str]:
+    """The feature flags of this machine's CPU as Linux names them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def host_isa(flags: set[str] | None = None) -> str:
+    """The strongest of CPU_ISAS that a CPU with these flags (default: this machine's) runs."""
+    flags = cpu_flags() if flags is None else flags
+    avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags
+    if avx512 and {"avx512_bf16", "amx_bf16", "amx_tile"} <= flags:
+        return "amx"
+    if avx512 and "avx512_bf16" in flags:
+        return "avx512_bf16"
+    if avx512:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+
+
+def isa_at_least(have: str, need: str) -> bool:
+    return CPU_ISAS.index(have) >= CPU_ISAS.index(need)
+
+
+def _cpu(name: str, isa: str) -> Target:
+    return Target(name, "cpu", None, None, None, ("float32", "bfloat16", "float16"), "float32", isa)
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("cpu", "cpu", None, None, None, ("float32", "bfloat16", "float16"), "float32"),
+    _cpu("cpu", host_isa()),  # the build machine's own instruction set
+    *(_cpu(f"cpu-{isa}", isa) for isa in CPU_ISAS),  # cross-compiles for another host
     _gpu("t4", 7, 5, 16, 40),
     _gpu("a10", 8, 6, 24, 72),
     _gpu("rtx3090", 8, 6, 24, 82),
@@ -116,7 +161,9 @@ def targets_with_capability(capability: tuple[int, int]) -> list[Target]:
 
 
 def describe(target: Target) -> str:
-    """'h100 (sm_90)' for GPUs, 'cpu' for the cpu target: how error messages name a target."""
+    """'h100 (sm_90)' for GPUs, 'cpu (avx512_bf16)' for CPUs: how error messages name a target."""
+    if target.isa is not None:
+        return f"{target.name} ({target.isa})" if target.name == "cpu" else target.name
     return target.name if target.name == target.arch else f"{target.name} ({target.arch})"
 
 
@@ -141,7 +188,7 @@ def format_targets() -> str:
         dtypes = [f"{d}*" if d == t.default_dtype else d for d in t.dtypes]
         rows.append((
             t.name,
-            t.arch,
+            f"cpu/{t.isa}" if t.isa else t.arch,
             f"{t.memory_gb} GB" if t.memory_gb is not None else "host",
             str(t.sm_count) if t.sm_count is not None else "-",
             ", ".join(dtypes),

@@ -13,13 +13,13 @@ import json
 import os
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
 
-from llmc.targets import Target, describe, targets_with_capability
+from llmc.targets import Target, describe, host_isa, isa_at_least, targets_with_capability
 
 FORMAT = "llmc-bundle"
 FORMAT_VERSION = 1
@@ -41,6 +41,7 @@ class HostInfo:
     device: str  # "cpu" | "cuda"
     capability: tuple[int, int] | None
     name: str
+    cpu_isa: str = field(default_factory=host_isa)  # what the host's CPU runs (llmc.targets.CPU_ISAS)
 
 
 def detect_host() -> HostInfo:
@@ -214,6 +215,10 @@ def _check_hashes(path: Path, manifest: dict) -> None:
 def _check_host(manifest: dict, host: HostInfo) -> None:
     target = Target.from_dict(manifest["target"])
     if not target.is_gpu:
+        if not isa_at_least(host.cpu_isa, target.isa):
+            raise BundleError(f"bundle built for {describe(target)}, which needs {target.isa} instructions, but this "
+                              f"host's CPU has only {host.cpu_isa}; compile with --target cpu on this host (or "
+                              f"--target cpu-{host.cpu_isa})")
         return
     built_for = f"bundle built for {describe(target)}"
     if host.device != "cuda" or host.capability is None:

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from llmc.targets import (TARGETS, Target, UnknownTargetError, format_targets, get_target, resolve_dtype,
-                          targets_with_capability)
+from llmc.targets import (CPU_ISAS, TARGETS, Target, UnknownTargetError, format_targets, get_target, host_isa,
+                          resolve_dtype, targets_with_capability)
 
+CPU_TARGETS = ["cpu", *(f"cpu-{isa}" for isa in CPU_ISAS)]
 EXPECTED = {
-    "cpu": ("cpu", None, None, None),
+    **{name: ("cpu", None, None, None) for name in CPU_TARGETS},
     "t4": ("sm_75", (7, 5), 16, 40),
     "a10": ("sm_86", (8, 6), 24, 72),
     "rtx3090": ("sm_86", (8, 6), 24, 82),
@@ -22,7 +23,8 @@ EXPECTED = {
 def test_every_named_target_has_its_arch_memory_and_sms(name):
     target = get_target(name)
     assert (target.arch, target.capability, target.memory_gb, target.sm_count) == EXPECTED[name]
-    assert target.is_gpu == (name != "cpu")
+    assert target.is_gpu == (name not in CPU_TARGETS)
+    assert (target.isa is None) == target.is_gpu
 
 
 def test_registry_holds_exactly_the_named_targets_in_order():
@@ -30,9 +32,10 @@ def test_registry_holds_exactly_the_named_targets_in_order():
 
 
 def test_default_dtypes():
-    assert get_target("cpu").default_dtype == "float32"
+    for name in CPU_TARGETS:
+        assert get_target(name).default_dtype == "float32"
     assert get_target("t4").default_dtype == "float16"
-    for name in EXPECTED.keys() - {"cpu", "t4"}:
+    for name in EXPECTED.keys() - {*CPU_TARGETS, "t4"}:
         assert get_target(name).default_dtype == "bfloat16", name
 
 
@@ -113,8 +116,26 @@ def test_format_targets_lists_every_target_with_its_numbers():
     assert list(rows) == list(EXPECTED)
     for name, (arch, _, memory, sms) in EXPECTED.items():
         cells = rows[name].split()
-        assert cells[1] == arch
+        assert cells[1] == (f"cpu/{get_target(name).isa}" if name in CPU_TARGETS else arch)
         if memory is not None:
             assert cells[2:5] == [str(memory), "GB", str(sms)]
     assert "bfloat16" not in rows["t4"]
     assert "float16*" in rows["t4"] and "bfloat16*" in rows["h100"] and "float8_e4m3fn" in rows["h100"]
+
+
+FLAGS = {"baseline": set(), "avx2": {"avx2", "fma", "sse4_2"}, "avx512": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl"},
+         "avx512_bf16": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+         "amx": {"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16", "amx_tile"}}
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_host_isa_reads_cpu_flags(isa):
+    assert host_isa(FLAGS[isa]) == isa
+    assert host_isa(FLAGS[isa] | {"sse2", "avx"}) == isa
+    if isa != "baseline":  # a flag short of its level drops it below
+        assert host_isa(FLAGS[isa] - {sorted(FLAGS[isa] - FLAGS[CPU_ISAS[CPU_ISAS.index(isa) - 1]])[0]}) != isa
+
+
+def test_cpu_target_is_the_build_machines_instruction_set():
+    assert get_target("cpu").isa == host_isa()
+    assert get_target("cpu-avx2").isa == "avx2" and get_target("cpu-avx2").arch == "cpu"

@@ -7,7 +7,7 @@ import torch
 from llmc.compiler.artifact import write_bundle
 from llmc.models import ModelConfig
 from llmc.runtime.bundle import BundleError, HostInfo, detect_host, open_bundle, verify_bundle
-from llmc.targets import get_target
+from llmc.targets import CPU_ISAS, get_target
 
 CPU_HOST = HostInfo("cpu", None, "cpu")
 WEIGHTS = "weights/model-00001-of-00002.safetensors"
@@ -106,9 +106,32 @@ def test_gpu_bundle_on_another_gpu_is_refused_naming_both(tmp_path):
     assert open_bundle(out, host=HostInfo("cuda", (9, 0), "NVIDIA H200")).target["name"] == "h100"
 
 
-def test_cpu_bundle_runs_anywhere(bundle_dir):
+def test_cpu_bundle_runs_on_any_host_whose_cpu_has_its_instruction_set(bundle_dir):
     for host in (CPU_HOST, HostInfo("cuda", (7, 5), "Tesla T4"), detect_host()):
         assert open_bundle(bundle_dir, host=host).dtype == "float32"
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_bundle_for_an_instruction_set_the_host_lacks_is_refused_in_one_line(tmp_path, isa):
+    out = write_bundle(tmp_path / "b", manifest_for(f"cpu-{isa}"), {}, None, None)
+    for host_isa in CPU_ISAS:
+        host = HostInfo("cpu", None, "cpu", cpu_isa=host_isa)
+        if CPU_ISAS.index(host_isa) >= CPU_ISAS.index(isa):
+            assert open_bundle(out, host=host).target["isa"] == isa
+            continue
+        with pytest.raises(BundleError) as info:
+            open_bundle(out, host=host)
+        assert str(info.value) == (f"bundle built for cpu-{isa}, which needs {isa} instructions, but this host's CPU "
+                                   f"has only {host_isa}; compile with --target cpu on this host (or --target "
+                                   f"cpu-{host_isa})")
+    assert open_bundle(out, host=HostInfo("cpu", None, "cpu", cpu_isa="baseline"), check_host=False)
+
+
+def test_a_cpu_bundle_without_a_recorded_instruction_set_runs_on_a_baseline_host(tmp_path):
+    manifest = manifest_for("cpu")
+    del manifest["target"]["isa"]  # as bundles were written before the ISA was recorded
+    out = write_bundle(tmp_path / "b", manifest, {}, None, None)
+    assert open_bundle(out, host=HostInfo("cpu", None, "cpu", cpu_isa="baseline")).target["arch"] == "cpu"
 
 
 def rewrite_manifest(bundle_dir, **changes):
