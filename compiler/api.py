@@ -155,7 +155,7 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
                             attention_keep=attention_keep, attention_block=attention_block,
                             group_size=quant_group_size)
     if options.backend != "triton":
-        names = [n for n in names if n != "fuse_kv_write"]  # an ONNX graph returns new keys, it cannot write them
+        names = [n for n in names if n not in ("fuse_kv_write", "lower_cpu")]  # ONNX: keys returned, reference ops only
     if (check_passes or options.backend != "triton" or options.calibration) and not source.has_weights:
         what = ("--check-passes runs the graphs" if check_passes else
                 f"--backend {options.backend} validates the export" if options.backend != "triton" else "--calibration")

@@ -14,7 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from llmc.passes import (block_attention, fold_constants, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear,
-                         fuse_rms_norm, merge_projections, quantize, sparsify, strip_asserts)
+                         fuse_rms_norm, lower_cpu, merge_projections, quantize, sparsify, strip_asserts)
 from llmc.passes.pattern import PassContext  # noqa: F401  (re-exported: callers build it from here)
 
 # (phase, name, run(gm, ctx) -> rewrites), in the order they run.
@@ -23,7 +23,8 @@ from llmc.passes.pattern import PassContext  # noqa: F401  (re-exported: callers
 # as the model builds it (ones / tril / arange of sizes), which no earlier pass folds; fuse_kv_write rewrites the
 # keys' rope of the llmc.paged_attention calls it leaves. sparsify and quantize rewrite the fused GEMMs (merged,
 # gains folded) and do nothing unless the compile asks for them (PassContext.sparsity / .quant); pruning first, so
-# quantization sees the pruned weights.
+# quantization sees the pruned weights. lower_cpu, last, swaps the target-independent ops for the CPU's lowerings of
+# them (cpu targets only), once nothing else needs to match the reference ops.
 PASSES = [
     ("cleanup", "strip_asserts", strip_asserts.run),
     ("canonicalize", "fuse_rms_norm", fuse_rms_norm.run),
@@ -36,6 +37,7 @@ PASSES = [
     ("fusion", "fuse_norm_linear", fuse_norm_linear.run),
     ("quantize", "sparsify", sparsify.run),
     ("quantize", "quantize", quantize.run),
+    ("lower", "lower_cpu", lower_cpu.run),
 ]
 
 # (rtol, atol) by output dtype, from DESIGN.md: float32 allows for passes that change summation order.

@@ -29,7 +29,7 @@ def test_real_pipeline_order():
         ("cleanup", "strip_asserts"), ("canonicalize", "fuse_rms_norm"), ("fold", "fold_rope"),
         ("fold", "fold_constants"), ("fusion", "block_attention"), ("fusion", "fuse_kv_write"),
         ("fusion", "merge_projections"), ("fusion", "fuse_add_norm"), ("fusion", "fuse_norm_linear"),
-        ("quantize", "sparsify"), ("quantize", "quantize")]
+        ("quantize", "sparsify"), ("quantize", "quantize"), ("lower", "lower_cpu")]
 
 
 def test_resolve_passes():
