@@ -1,4 +1,5 @@
-"""The README's main job: compile the embedded model for this machine and generate readable text, with timing."""
+"""The embedded model through the command line: compile llmc-tiny for this machine and generate readable text, with
+timing (the README's main job, SmolLM2, runs in .ci/run itself and in tests/models/test_smollm2.py)."""
 import re
 import string
 import subprocess

@@ -128,7 +128,7 @@ def reference(directory, file):
 
 
 CASES = [("llama", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")] + \
-        [("qwen3", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")] + [("qwen2", "Q8_0")]
+        [("qwen3", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")] + [("qwen2", "Q8_0"), ("llama", "BF16")]
 
 
 @pytest.mark.parametrize("family,qtype", CASES)
@@ -138,7 +138,7 @@ def test_greedy_tokens_equal_transformers_on_the_same_gguf(tmp_path, hf_greedy, 
     write_gguf(file, model, family, Q[qtype])
     bundle = llmc.compile(file, target="cpu", out=tmp_path / "b.llmc")
     notes = llmc.last_report().notes
-    if qtype not in ("F32", "F16"):
+    if qtype not in ("F32", "F16", "BF16"):
         assert any(f"{qtype} tensors dequantized to float32" in n for n in notes), notes
     engine = llmc.load(bundle)
     ref = reference(tmp_path, file.name)
