@@ -156,18 +156,24 @@ def paged_mask(past_lens):
     return torch.cat([past_ok[:, None, :].expand(B, S, past), causal[None].expand(B, S, S)], -1)[:, None]
 
 
-def _packed_sequences(positions, batch_range, q_range, kv_range):
-    """transformers 5's sdpa_mask, as exported: and_masks(packed-sequence ids, mask on position_ids) expanded over
-    [B, 1, S, S] index ranges. Returns (same sequence, query positions, key positions, B, S)."""
-    b, s = batch_range.shape[0], positions.shape[1]
+def _index_spaces(positions, batch_range, q_range, kv_range):
+    """What transformers 5's sdpa_mask indexes, as exported: packed-sequence ids (a new sequence wherever the
+    positions do not grow by one), the batch / query / key index ranges over [B, 1, S, S], and the positions."""
+    b = batch_range.shape[0]
     position_ids = positions.expand(b, -1)
     first = position_ids[:, :1] - 1
     packed = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
     bi = batch_range[:, None, None, None]
     qi, ki = (q_range + 0)[None, None, :, None], (kv_range + 0)[None, None, None, :]
-    position_ids = positions.expand(b, -1)
+    return packed, bi, qi, ki, positions.expand(b, -1)
+
+
+def _packed_sequences(positions, batch_range, q_range, kv_range):
+    """transformers 5's sdpa_mask: and_masks(packed-sequence ids, mask on position_ids) expanded over [B, 1, S, S]
+    index ranges. Returns (same sequence, query positions, key positions, B, S)."""
+    packed, bi, qi, ki, position_ids = _index_spaces(positions, batch_range, q_range, kv_range)
     same_sequence = qi.new_ones((), dtype=torch.bool) & (packed[bi, qi] == packed[bi, ki])
-    return same_sequence, position_ids[bi, qi], position_ids[bi, ki], b, s
+    return same_sequence, position_ids[bi, qi], position_ids[bi, ki], batch_range.shape[0], positions.shape[1]
 
 
 def transformers_causal_mask(positions, batch_range, q_range, kv_range):
@@ -197,14 +203,9 @@ def transformers_sliding_mask_positions_first(positions, batch_range, q_range, k
 
 def _positions_first(positions, batch_range, q_range, kv_range):
     """As _packed_sequences, for the masks that test the positions before the packed-sequence ids."""
-    b, s = batch_range.shape[0], positions.shape[1]
-    position_ids = positions.expand(b, -1)
-    first = position_ids[:, :1] - 1
-    packed = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
-    bi = batch_range[:, None, None, None]
-    qi, ki = (q_range + 0)[None, None, :, None], (kv_range + 0)[None, None, None, :]
-    position_ids = positions.expand(b, -1)
+    packed, bi, qi, ki, position_ids = _index_spaces(positions, batch_range, q_range, kv_range)
     query, key = position_ids[bi, qi], position_ids[bi, ki]
+    b, s = batch_range.shape[0], positions.shape[1]
     return packed[bi, qi] == packed[bi, ki], query, key, b, s, qi
 
 
