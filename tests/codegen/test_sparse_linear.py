@@ -105,8 +105,13 @@ def test_reference_is_the_dense_formula_on_the_pruned_weight(dtype, norm, epilog
     values, meta = compress_24(w)
     got = llmc.sparse_linear(x, values, meta, bias, 1e-6, norm, epilogue)
     assert got.shape == (2, 3, n // 2 if epilogue == "swiglu" else n) and got.dtype == dtype
-    torch.testing.assert_close(got, dense_formula(x, w, bias, 1e-6, norm, epilogue), **TOL[dtype])
-    # and bit for bit norm_linear over the decompressed weight
+    if dtype == torch.float32:
+        # The definition written out, in float32. In 16 bits the written-out formula rounds in another order
+        # (h / sqrt vs h * rsqrt, mm + bias vs addmm, x * sigmoid(x) vs silu) and SwiGLU multiplies two rounded
+        # values: on fresh random inputs it differed by up to 4 ulp from the op (a flake in a clean CI run), which
+        # says nothing about the op. In 16 bits the op is held to norm_linear bit for bit (below), the definition's check.
+        torch.testing.assert_close(got, dense_formula(x, w, bias, 1e-6, norm, epilogue), **TOL[dtype])
+    # and bit for bit norm_linear over the decompressed weight, in every dtype
     assert torch.equal(got, llmc.norm_linear(x, w, bias, 1e-6, norm, epilogue))
 
 
