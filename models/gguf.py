@@ -118,9 +118,9 @@ class GGUFFile:
             scaling = {"rope_type": kind, "factor": float(self.arch("rope.scaling.factor"))}
             if kind == "yarn":
                 scaling["original_max_position_embeddings"] = int(self.arch("rope.scaling.original_context_length"))
-        blocks = self.quant_types()
-        dtype = next((t.lower().replace("f", "float") for t in ("BF16", "F16") if blocks.get(t) == sum(blocks.values())),
-                     "float32")
+        types = self.quant_types()  # the published dtype: a file wholly in F16 or BF16, else float32
+        dtype = next((name for t, name in (("BF16", "bfloat16"), ("F16", "float16"))
+                      if types.get(t) == sum(types.values())), "float32")
         try:
             return ModelConfig(
                 family="llama" if self.architecture == "llama" else self.architecture,
@@ -189,7 +189,9 @@ class GGUFFile:
         gguf = _gguf()
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)  # a copy: the map is read-only
+        # Block formats dequantize into a fresh array; float types come back as a view of the read-only map.
+        values = values.astype(np.float32, copy=not values.flags.writeable)
+        return torch.from_numpy(values).reshape(shape)
 
     def _unpermute(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Undoes llama.cpp's convert_hf_to_gguf `permute` of q / k rows (llama architecture only): it regroups

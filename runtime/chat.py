@@ -187,6 +187,34 @@ def stream_text(engine, prompt: list[int], max_new_tokens: int, temperature: flo
     return "".join(pieces)
 
 
+def bundle_template(engine) -> ChatTemplate:
+    """An engine's chat template, from its bundle's tokenizer folder; ValueError when it has none."""
+    if engine.tokenizer is None:
+        raise ValueError(f"{engine.bundle.path} has no tokenizer, so it cannot chat; generate from token ids "
+                         f"instead (llmc run --prompt IDS --token-ids)")
+    template = ChatTemplate.from_dir(engine.bundle.tokenizer_dir)
+    if template is None:
+        raise ValueError(f"{engine.bundle.path} has no chat template (its model's tokenizer defines none); "
+                         f"generate from plain text instead (llmc run --prompt TEXT)")
+    return template
+
+
+def reply(engine, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+          on_text: Callable[[str], None] | None) -> str:
+    """Engine.chat: the reply ends at the model's end of turn (an eos_token_ids token, not part of the text), after
+    max_new_tokens, or where the conversation reaches the bundle's max_seq_len. on_text(piece) receives it as it is
+    generated, in pieces that are whole characters; joined, they are the reply."""
+    from llmc.runtime.engine import PromptTooLongError  # engine imports this module
+
+    prompt = engine.chat_prompt(messages)
+    room = engine.max_seq_len - len(prompt)
+    if room < 1:
+        raise PromptTooLongError(f"the conversation has {len(prompt)} tokens, which leaves no room for a reply "
+                                 f"within the bundle's maximum sequence length {engine.max_seq_len} (start a new "
+                                 f"chat, or recompile with a larger --max-seq-len)")
+    return stream_text(engine, prompt, min(max_new_tokens, room), temperature, top_p, seed, on_text)
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}

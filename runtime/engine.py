@@ -21,7 +21,7 @@ from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs cal
 from llmc.codegen.graph_io import graph_from_json
 from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
-from llmc.runtime.chat import ChatTemplate, stream_text
+from llmc.runtime.chat import ChatTemplate, bundle_template, reply
 from llmc.runtime.kv_cache import PagedKVCache, block_bytes, format_bytes, parse_memory_size
 from llmc.runtime.sampling import make_generators, sample
 from llmc.runtime.scheduler import Scheduler, Sequence
@@ -224,14 +224,7 @@ class Engine:
     @cached_property
     def chat_template(self) -> ChatTemplate:
         """The bundle's chat template (read on first use); ValueError when it has none."""
-        if self.tokenizer is None:
-            raise ValueError(f"{self.bundle.path} has no tokenizer, so it cannot chat; generate from token ids "
-                             f"instead (llmc run --prompt IDS --token-ids)")
-        template = ChatTemplate.from_dir(self.bundle.tokenizer_dir)
-        if template is None:
-            raise ValueError(f"{self.bundle.path} has no chat template (its model's tokenizer defines none); "
-                             f"generate from plain text instead (llmc run --prompt TEXT)")
-        return template
+        return bundle_template(self)
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The token ids of messages rendered with the chat template, ending where the assistant's reply begins."""
@@ -239,17 +232,9 @@ class Engine:
 
     def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
-        """The assistant's reply to messages ([{"role": "user", "content": "..."}, ...]), ending at the model's end
-        of turn (an eos_token_ids token, not part of the text), or after max_new_tokens, or where the conversation
-        reaches the bundle's max_seq_len. on_text(piece) receives the reply as it is generated, in pieces that
-        are whole characters; joined, they are the reply."""
-        prompt = self.chat_prompt(messages)
-        room = self.max_seq_len - len(prompt)
-        if room < 1:
-            raise PromptTooLongError(f"the conversation has {len(prompt)} tokens, which leaves no room for a reply "
-                                     f"within the bundle's maximum sequence length {self.max_seq_len} (start a new "
-                                     f"chat, or recompile with a larger --max-seq-len)")
-        return stream_text(self, prompt, min(max_new_tokens, room), temperature, top_p, seed, on_text)
+        """The assistant's reply to messages ([{"role": "user", "content": "..."}, ...]), streamed to on_text in
+        whole characters (runtime/chat.py's reply)."""
+        return reply(self, messages, max_new_tokens, temperature, top_p, seed, on_text)
 
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
