@@ -58,12 +58,30 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakMemory:
-    """Peak memory over a `with` block: torch.cuda's allocator peak on a GPU, sampled resident set size on CPU.
+def _reset_rss_high_water() -> bool:
+    """Reset the kernel's resident-set high-water mark (VmHWM); False where the kernel does not let us."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    On CPU, tracemalloc does not see torch's allocations and ru_maxrss cannot be reset, so a thread samples
-    /proc/self/statm every `interval_s`; a spike shorter than that can be missed. `peak_bytes` is the absolute
-    figure, `delta_bytes` the peak over what the process held when the block began.
+
+def _rss_high_water() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) << 10
+
+
+class PeakMemory:
+    """Peak memory over a `with` block: torch.cuda's allocator peak on a GPU, the resident set's peak on CPU.
+
+    On CPU, tracemalloc does not see torch's allocations and ru_maxrss cannot be reset, so the kernel's own
+    high-water mark (VmHWM, reset through /proc/self/clear_refs on Linux >= 4.0) gives the exact peak. Where
+    that reset is refused, a thread samples /proc/self/statm every `interval_s` instead, and a spike shorter
+    than that (or one while the sampler is not scheduled) can be missed. The high-water mark is per process:
+    do not nest two. `peak_bytes` is the absolute figure, `delta_bytes` the peak over what the process held
+    when the block began.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval_s: float = 0.002):
@@ -71,6 +89,7 @@ class PeakMemory:
         self.interval_s = interval_s
         self.peak_bytes = 0
         self.delta_bytes = 0
+        self.method = "cuda_max_memory_allocated" if self.device.type == "cuda" else "sampled_rss"
         self._stop = threading.Event()
 
     def __enter__(self) -> PeakMemory:
@@ -79,6 +98,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
             return self
+        if _reset_rss_high_water():
+            self.method = "rss_high_water"
         self._start = self.peak_bytes = _rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -96,11 +117,12 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            if self.method == "rss_high_water":
+                self.peak_bytes = max(self.peak_bytes, _rss_high_water())
         self.delta_bytes = max(0, self.peak_bytes - self._start)
 
     def to_dict(self) -> dict:
-        kind = "cuda_max_memory_allocated" if self.device.type == "cuda" else "sampled_rss"
-        return {"peak_bytes": self.peak_bytes, "delta_bytes": self.delta_bytes, "method": kind}
+        return {"peak_bytes": self.peak_bytes, "delta_bytes": self.delta_bytes, "method": self.method}
 
 
 def copy_bandwidth(device: torch.device | str = "cpu", nbytes: int = 256 << 20, repeat: int = 5) -> float:
