@@ -18,8 +18,29 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+
+# A 1-minute load average at or above this means other work shares the cores: what is measured then says more about
+# that work than about the systems, so such a run is refused (or, forced, marked not for publishing).
+BUSY_LOAD = 0.5
+
+
+class BusyMachineError(ValueError):
+    """A measurement was started on a busy machine."""
+
+
+def check_quiet(force: bool = False) -> float:
+    """The 1-minute load average at the start of a measurement. At or above BUSY_LOAD it raises BusyMachineError
+    (one line), unless `force`: the caller then records the load and does not publish what it measures."""
+    load = os.getloadavg()[0]
+    if load >= BUSY_LOAD and not force:
+        raise BusyMachineError(f"1-minute load is {load:.2f}: wait for a quiet machine (< {BUSY_LOAD}) or pass --force "
+                               "(the results are then marked not for publishing)")
+    return load
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -51,6 +72,32 @@ def median_of(measure: Callable[[], float], warmup: int = 1, repeat: int = 3) ->
     for _ in range(warmup):
         measure()
     return statistics.median(measure() for _ in range(repeat))
+
+
+def alternate(measures: dict[str, Callable[[T], float]], make_input: Callable[[], T], warmup: int = 1,
+              repeat: int = 5) -> dict[str, list[float]]:
+    """What each measure returns (a time it took itself), the systems alternated: each round draws one input and
+    runs every measure on it once, so all systems see the same inputs and the same drift of the machine. Each round
+    starts one system further on, so no system always runs first (after the input was drawn) or always right after
+    the same other one. The first `warmup` rounds are not recorded."""
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
+    names = list(measures)
+    samples = {name: [] for name in names}
+    for r in range(warmup + repeat):
+        x = make_input()
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            seconds = measures[name](x)
+            if r >= warmup:
+                samples[name].append(seconds)
+    return samples
+
+
+def spread(samples: list[float]) -> dict:
+    """The median (`seconds`) and the min-max range of a measurement's samples, and the samples themselves."""
+    return {"seconds": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "samples_s": list(samples)}
 
 
 def _rss_bytes() -> int:

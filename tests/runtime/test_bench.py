@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from llmc.models.registry import get_config
-from llmc.runtime.bench import (PeakMemory, Shapes, copy_bandwidth, decode_floor_s, decode_step_bytes, device_slug,
-                                matmul_rate, median_of, prefill_flops, prefill_floor_s, time_call)
+from llmc.runtime.bench import (BusyMachineError, PeakMemory, Shapes, alternate, check_quiet, copy_bandwidth,
+                                decode_floor_s, decode_step_bytes, device_slug, matmul_rate, median_of, prefill_flops,
+                                prefill_floor_s, spread, time_call)
 
 H100_BYTES_PER_S = 3.35e12  # HBM3 bandwidth the design's floor uses
 H100_BF16_FLOPS = 989e12  # dense bf16 peak
@@ -46,6 +47,37 @@ def test_timing_helpers_take_the_median():
     calls = []
     result = time_call(lambda: calls.append(1), warmup=2, repeat=3)
     assert len(calls) == 5 and len(result["samples_s"]) == 3 and result["median_s"] >= result["min_s"] > 0
+
+
+def test_alternate_gives_every_system_each_rounds_input_and_rotates_the_order():
+    calls = []
+    inputs = iter(range(100, 200))
+
+    def system(name, seconds):
+        return lambda x: calls.append((name, x)) or seconds[x - 100]
+
+    samples = alternate({"a": system("a", [9, 1, 2, 3]), "b": system("b", [8, 4, 5, 6]),
+                         "c": system("c", [7, 7, 8, 9])}, lambda: next(inputs), warmup=1, repeat=3)
+    assert samples == {"a": [1, 2, 3], "b": [4, 5, 6], "c": [7, 8, 9]}  # round 0 (the warm-up) dropped
+    rounds = [calls[i:i + 3] for i in range(0, 12, 3)]
+    assert [[name for name, _ in r] for r in rounds] == [list("abc"), list("bca"), list("cab"), list("abc")]
+    assert all(len({x for _, x in r}) == 1 for r in rounds)  # one input per round, the same for every system
+    with pytest.raises(ValueError):
+        alternate({"a": lambda x: 1.0}, lambda: None, repeat=0)
+
+
+def test_spread_is_the_median_and_range():
+    assert spread([3.0, 1.0, 2.0, 10.0, 4.0]) == {"seconds": 3.0, "min_s": 1.0, "max_s": 10.0,
+                                                  "samples_s": [3.0, 1.0, 2.0, 10.0, 4.0]}
+
+
+def test_a_busy_machine_is_refused_unless_forced(monkeypatch):
+    monkeypatch.setattr("os.getloadavg", lambda: (0.62, 0.3, 0.1))
+    with pytest.raises(BusyMachineError, match="1-minute load is 0.62: wait for a quiet machine"):
+        check_quiet()
+    assert check_quiet(force=True) == 0.62
+    monkeypatch.setattr("os.getloadavg", lambda: (0.49, 3.0, 3.0))
+    assert check_quiet() == 0.49
 
 
 def test_peak_memory_sees_a_torch_allocation_freed_inside_the_block():
