@@ -14,6 +14,8 @@ Schemes and weight formats (N output channels, K input channels, G = group_size)
                product of the FP8 values accumulated in float32, then * a_scale[m] * scale[n] (sm_89+).
 - "int8_w8a8"  qweight int8 [N, K] (symmetric, -127..127), scale float32 [N]; activations per token to int8 with
                scale amax(|h|) / 127 (round half to even, clamp); exact integer accumulation, * a_scale * scale.
+- "int8_w8a16" the int8 weight above, W = qweight * scale[:, None] dequantized to x's dtype and multiplied in x's
+               dtype (weight-only; the CPU's packed int8 kernel: codegen/cpu/linear.py; no GPU kernel).
 - "int4_w4a16" qweight uint8 [N, K / 2]: k = 2j in the low nibble, k = 2j + 1 in the high one, 0..15; scale
                float32 [N, K / G], zero uint8 [N, K / G] (asymmetric): W = (q - zero) * scale per group,
                dequantized to x's dtype and multiplied in x's dtype.
@@ -31,7 +33,7 @@ import torch
 
 from llmc.codegen.ops import _epilogue, _normalize
 
-SCHEMES = ("fp8_w8a16", "fp8_w8a8", "int8_w8a8", "int4_w4a16", "int4_w4a8")
+SCHEMES = ("fp8_w8a16", "fp8_w8a8", "int8_w8a8", "int8_w8a16", "int4_w4a16", "int4_w4a8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -83,7 +85,7 @@ def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128) -> Quan
     if scheme.startswith("fp8"):
         scale = (w32.abs().amax(dim=1) / FP8_MAX).clamp(min=TINY)
         return QuantizedWeight((w32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale, None)
-    if scheme == "int8_w8a8":
+    if scheme.startswith("int8"):
         scale = (w32.abs().amax(dim=1) / INT8_MAX).clamp(min=TINY)
         q = torch.round(w32 / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
         return QuantizedWeight(q, scale, None)
@@ -100,7 +102,7 @@ def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128) -> Quan
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: str,
                       group_size: int) -> torch.Tensor:
     """The float32 [N, K] weight the quantized one stands for."""
-    if scheme.startswith("fp8") or scheme == "int8_w8a8":
+    if scheme.startswith(("fp8", "int8")):
         return qweight.float() * scale[:, None]
     q = unpack_int4(qweight).float()
     n, k = q.shape
@@ -154,3 +156,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ze
 def _quant_linear_fake(x, qweight, scale, zero, in_scale, bias, eps, norm, epilogue, scheme, group_size):
     n = qweight.shape[0] // 2 if epilogue == "swiglu" else qweight.shape[0]
     return x.new_empty([*x.shape[:-1], n])
+
+
+# The CPU lowerings need this module's op and fake: registered once both exist, whichever module came first.
+from llmc.codegen.cpu import linear as cpu_linear  # noqa: E402,F401  (llmc::*_linear_cpu, issue 14)

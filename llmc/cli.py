@@ -185,7 +185,8 @@ def _bench(a) -> None:
     from llmc.compiler.bench_report import markdown, write_results
 
     report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
-                       target=a.target, dtype=a.dtype, progress=True)
+                       target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,
+                       peers=a.peers, force=a.force)
     out = a.out or os.path.join("bench", "results", report["device_slug"])
     written = write_results(report, out)
     print(markdown(report))
@@ -239,7 +240,8 @@ def parser() -> argparse.ArgumentParser:
                    help="triton (default): graph + Triton kernels; onnx: an ONNX model for onnxruntime; tensorrt: "
                         "that ONNX + TensorRT build settings (engine built on the GPU host: llmc build-engine)")
     c.add_argument("--quant", metavar="SCHEME",
-                   help="fp8, fp8-w8a16, int8 (SmoothQuant), int8-rtn, int4, int4-awq, w4a8, mixed")
+                   help="fp8, fp8-w8a16, int8 (SmoothQuant), int8-rtn, int8-w8a16 (weight-only, CPU), int4, "
+                        "int4-awq, w4a8, mixed")
     c.add_argument("--quant-group-size", type=int, metavar="N", help="int4 group size (default 128)")
     c.add_argument("--quant-policy", metavar="FILE", help="TOML policy: a scheme per layer kind (see passes/policies)")
     c.add_argument("--calibration", metavar="FILE", help="text for SmoothQuant / AWQ / calibration-aware pruning")
@@ -284,8 +286,9 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a bundle's format and hashes")
     v.add_argument("bundle")
     v.set_defaults(fn=_verify)
-    bn = sub.add_parser("bench", help="measure llmc against transformers eager and torch.compile")
-    bn.add_argument("model", help="llmc-tiny, a registry name (random weights) or a checkpoint directory")
+    bn = sub.add_parser("bench", help="measure llmc against its peers: transformers eager, torch.compile, "
+                        "onnxruntime, llama.cpp")
+    bn.add_argument("model", help="llmc-tiny, a registry name (random weights), a checkpoint directory or a GGUF file")
     bn.add_argument("--quick", action="store_true", help="one short prompt, batch 1, a few tokens (CI)")
     bn.add_argument("--out", help="results directory (default bench/results/<device>)")
     bn.add_argument("--lengths", type=int, nargs="+", help="prompt lengths for time to first token")
@@ -293,6 +296,12 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--device", default="cpu", help="cpu or cuda")
     bn.add_argument("--target", help="llmc target (default: the host's)")
     bn.add_argument("--dtype", help="float32, bfloat16, float16 (default: the target's)")
+    bn.add_argument("--threads", type=int, help="threads for every system (default: the cores this process may use)")
+    bn.add_argument("--repeat", type=int, help="recorded rounds per point (default 5; publishing takes 5 or more)")
+    bn.add_argument("--peers", nargs="+", metavar="PEER",
+                    help="eager, torch.compile, onnxruntime, llama.cpp (default: all that can run)")
+    bn.add_argument("--force", action="store_true",
+                    help="measure on a busy machine (1-minute load >= 0.5); the results are marked not for publishing")
     bn.set_defaults(fn=_bench)
     t = sub.add_parser("targets", help="list compile targets")
     t.set_defaults(fn=_targets)

@@ -7,6 +7,7 @@ registry keyed by config type that turns one into a weight format of codegen/qua
 - `Int8Config(smooth_alpha=0.5)`: int8_w8a8 with SmoothQuant smoothing of strength alpha (needs calibration);
   alpha 0 is plain round-to-nearest (the SmoothQuant formula at alpha 0 would move all difficulty into the
   activations instead);
+- `Int8WeightOnlyConfig()`: int8_w8a16, round-to-nearest per output channel (CPU targets: ATen's int8 kernel);
 - `Int4WeightOnlyConfig(group_size=128, awq=False)`: int4_w4a16, round-to-nearest or AWQ (needs calibration);
 - `Int4W4A8Config(group_size=128)`: int4_w4a8, round-to-nearest.
 `QuantPolicy` maps layer kinds (`layer_kind` of a weight name: "attention", "mlp", "lm_head", "other") to configs
@@ -61,6 +62,11 @@ class Int8Config:
             raise QuantConfigError(f"Int8Config smooth_alpha {self.smooth_alpha} must be in [0, 1]")
 
 
+@dataclass(frozen=True)
+class Int8WeightOnlyConfig:
+    pass
+
+
 def _check_group(name: str, group_size) -> None:
     if type(group_size) is not int or group_size < 2 or group_size % 2:
         raise QuantConfigError(f"{name} group_size {group_size!r} must be an even whole number >= 2")
@@ -83,8 +89,9 @@ class Int4W4A8Config:
         _check_group("Int4W4A8Config", self.group_size)
 
 
-CONFIG_TYPES = {cls.__name__: cls for cls in (Float8Config, Int8Config, Int4WeightOnlyConfig, Int4W4A8Config)}
-QuantConfig = Float8Config | Int8Config | Int4WeightOnlyConfig | Int4W4A8Config
+CONFIG_TYPES = {cls.__name__: cls for cls in (Float8Config, Int8Config, Int8WeightOnlyConfig, Int4WeightOnlyConfig,
+                                                   Int4W4A8Config)}
+QuantConfig = Float8Config | Int8Config | Int8WeightOnlyConfig | Int4WeightOnlyConfig | Int4W4A8Config
 
 # --quant names (and policy files' `quant` values) -> config; "mixed" names the shipped policy file instead.
 SCHEME_CONFIGS = {
@@ -92,6 +99,7 @@ SCHEME_CONFIGS = {
     "fp8-w8a16": Float8Config(activations=False),
     "int8": Int8Config(smooth_alpha=0.5),
     "int8-rtn": Int8Config(smooth_alpha=0.0),
+    "int8-w8a16": Int8WeightOnlyConfig(),
     "int4": Int4WeightOnlyConfig(),
     "int4-awq": Int4WeightOnlyConfig(awq=True),
     "w4a8": Int4W4A8Config(),

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs call)
+from llmc.codegen.cpu.direct import call_directly
 from llmc.codegen.graph_io import graph_from_json
 from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
@@ -314,6 +315,9 @@ def _load_graphs(bundle: Bundle, backend: str, dev: torch.device, dtype: torch.d
         _use_shipped_kernels(bundle.path / "kernels")
     weights = bundle.load_weights(dev)
     graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
+    if dev.type == "cpu":
+        for gm in graphs.values():
+            call_directly(gm)  # skips the dispatcher's cost per llmc op call (codegen/cpu/direct.py)
     num_layers = bundle.config["num_layers"]
     return graphs, frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, num_layers))
 

@@ -1,21 +1,29 @@
 """Before/After tests of lower_cpu: on the cpu target every llmc.paged_attention of our paged steps becomes
-llmc.paged_attention_cpu with the same arguments, and the graph's outputs stay the reference's (within the
-summation-order tolerance); on a GPU target, or without a target, nothing changes."""
+llmc.paged_attention_cpu with the same arguments, every norm_linear / add_norm_linear / quant_linear with a CPU
+kernel its _cpu twin (bf16 aten.linear of a stored weight: norm_linear_cpu with no norm), and the graph's outputs
+stay the reference's (within the summation-order tolerance); on a GPU target, or without a target, nothing
+changes."""
 import pytest
 import torch
 
-from llmc.passes import block_attention, fold_rope, fuse_kv_write, lower_cpu
+from llmc.passes import (block_attention, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear, fuse_rms_norm,
+                         lower_cpu, merge_projections, quantize)
+from llmc.passes.quant_config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 from llmc.passes.pattern import PassContext
 from llmc.targets import get_target
 
 llmc = torch.ops.llmc
+aten = torch.ops.aten
 PAGED, PAGED_CPU = llmc.paged_attention.default, llmc.paged_attention_cpu.default
+TWINS = {llmc.norm_linear.default: llmc.norm_linear_cpu.default,
+         llmc.add_norm_linear.default: llmc.add_norm_linear_cpu.default,
+         llmc.quant_linear.default: llmc.quant_linear_cpu.default}
 MAX_LEN = 4096  # our configs' max_position_embeddings
 
 
-def run(gm, *passes, target=None) -> list[int]:
+def run(gm, *passes, target=None, quant=None) -> list[int]:
     """The passes in order as the pipeline runs them (dead-code elimination, lint, recompile after each)."""
-    ctx, counts = PassContext(target=target, max_seq_len=MAX_LEN), []
+    ctx, counts = PassContext(target=target, max_seq_len=MAX_LEN, quant=quant), []
     for p in passes:
         counts.append(p.run(gm, ctx))
         gm.graph.eliminate_dead_code()
@@ -40,10 +48,16 @@ def test_every_paged_attention_is_lowered_on_cpu(fusion, family, dtype, write):
         calls = [(n.args, n.kwargs) for n in gm.graph.nodes if n.target == PAGED]
         expected = fusion.outputs(gm, cloned(inputs))
 
-        assert run(gm, lower_cpu, target=get_target("cpu")) == [layers]
+        # Unfused here: bf16 projections are plain aten.linear of stored weights, lowered too.
+        linears = before[aten.linear.default] if dtype == torch.bfloat16 else 0
+        assert run(gm, lower_cpu, target=get_target("cpu")) == [layers + linears]
         after = fusion.census(gm)
         assert (after.get(PAGED, 0), after[PAGED_CPU]) == (0, layers)
-        assert {t: c for t, c in after.items() if t != PAGED_CPU} == {t: c for t, c in before.items() if t != PAGED}
+        assert after.get(llmc.norm_linear_cpu.default, 0) == linears
+        assert after.get(aten.linear.default, 0) == before[aten.linear.default] - linears
+        lowered_targets = (PAGED_CPU, llmc.norm_linear_cpu.default, aten.linear.default)
+        assert ({t: c for t, c in after.items() if t not in lowered_targets}
+                == {t: c for t, c in before.items() if t not in (PAGED, aten.linear.default)})
         lowered = [n for n in gm.graph.nodes if n.target == PAGED_CPU]
         assert [(n.args, n.kwargs) for n in lowered] == calls  # the same arguments, in the same order
         assert all(n.meta["val"].shape == n.args[0].meta["val"].shape for n in lowered)
@@ -65,3 +79,42 @@ def test_a_graph_without_paged_attention_counts_nothing(fusion):
         before = fusion.census(gm)
         assert run(gm, lower_cpu, target=get_target("cpu")) == [0]
         assert fusion.census(gm) == before
+
+
+def literals(node) -> tuple:
+    """A call's arguments other than nodes (its inputs may themselves have been lowered)."""
+    return tuple(a if not isinstance(a, torch.fx.Node) else None for a in node.args)
+
+
+FUSIONS = (fuse_rms_norm, fold_rope, merge_projections, fuse_add_norm, fuse_norm_linear, block_attention,
+           fuse_kv_write)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant", [None, Int4WeightOnlyConfig(group_size=32), Int8WeightOnlyConfig()],
+                         ids=["float", "int4-g32", "int8-w8a16"])
+def test_every_gemm_with_a_cpu_kernel_is_lowered(fusion, dtype, quant):
+    for name, gm, inputs in fusion.graphs("llmc", "qwen3", dtype):
+        run(gm, *FUSIONS, *([quantize] if quant else []), target=get_target("cpu"), quant=quant)
+        before = fusion.census(gm)
+        gemms = {t: before.get(t, 0) for t in TWINS}
+        assert sum(gemms.values()) >= 2 * fusion.LAYERS  # the norm-fused ones: qkv and gate-up per layer
+        if quant is not None:
+            assert gemms[llmc.quant_linear.default] >= 2 * fusion.LAYERS
+        plain = before.get(aten.linear.default, 0) if dtype == torch.bfloat16 else 0
+        calls = {t: [literals(n) for n in gm.graph.nodes if n.target == t] for t in TWINS}
+        expected = fusion.outputs(gm, cloned(inputs))
+
+        assert run(gm, lower_cpu, target=get_target("cpu")) == [fusion.LAYERS + sum(gemms.values()) + plain]
+        after = fusion.census(gm)
+        for reference, twin in TWINS.items():
+            assert after.get(reference, 0) == 0
+            twins = [literals(n) for n in gm.graph.nodes if n.target == twin]
+            if reference is llmc.norm_linear.default:  # with the plain bf16 linears, in graph order
+                assert len(twins) == len(calls[reference]) + plain
+                assert all(c in twins for c in calls[reference])
+            else:
+                assert twins == calls[reference]  # the same options, in the same order
+        # fp32 within 1e-4; bf16 (where weight-only kernels round their scales once, the reference its weights
+        # once: codegen/cpu/linear.py) by the whole-model cosine.
+        fusion.assert_model_outputs_close(fusion.outputs(gm, cloned(inputs)), expected, dtype)

@@ -26,6 +26,10 @@ CEILINGS = {"fp8": ({"quant": "fp8"}, 0.02), "int8": ({"quant": "int8", **CALIBR
             "int4-awq": ({"quant": "int4-awq", "quant_group_size": 64, **CALIBRATION}, 0.03),
             "w4a8": ({"quant": "w4a8", "quant_group_size": 64}, 0.03),
             "2:4": ({"sparsity": "2:4"}, 0.13),
+            # bf16 activations on the CPU kernels (codegen/cpu/linear.py: oneDNN bf16, ATen's packed int4 / int8)
+            "bf16": ({"dtype": "bfloat16"}, 0.02),
+            "int8-w8a16-bf16": ({"quant": "int8-w8a16", "dtype": "bfloat16"}, 0.02),
+            "int4-bf16": ({"quant": "int4", "quant_group_size": 64, "dtype": "bfloat16"}, 0.03),
             "attention-0.5": ({"attention_keep": 0.5, "attention_block": 16}, 0.18)}
 
 
@@ -72,8 +76,12 @@ def fp32_subset(engine32):
 @pytest.mark.parametrize("name", CEILINGS)
 def test_lossy_compiles_stay_under_their_perplexity_ceilings(name, fp32_subset, export_each_shape_once, tmp_path):
     options, ceiling = CEILINGS[name]
-    bundle = llmc.compile("llmc-tiny", target="cpu", dtype="float32", out=tmp_path / "b.llmc", **options)
+    bundle = llmc.compile("llmc-tiny", target="cpu", out=tmp_path / "b.llmc", **{"dtype": "float32", **options})
     engine = load(bundle, kv_cache_tokens=1024, prefix_caching=False)
+    if options.get("dtype") == "bfloat16":  # the lossy path under test is the CPU kernels'
+        targets = {n.get("target") for g in engine.bundle.graph["graphs"].values() for n in g["nodes"]}
+        assert targets & {"llmc.norm_linear_cpu.default", "llmc.add_norm_linear_cpu.default"}  # lm_head at least
+        assert ("llmc.quant_linear_cpu.default" in targets) == ("quant" in options)
     ours = perplexity(engine, read_token_ids(engine, HELDOUT), 128, 8, batch_size=8).perplexity
     assert ours != fp32_subset  # the option changed the computation
     assert ours / fp32_subset - 1 < ceiling, f"{name}: {ours:.3f} vs fp32 {fp32_subset:.3f}"
