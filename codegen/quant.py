@@ -15,7 +15,7 @@ Schemes and weight formats (N output channels, K input channels, G = group_size)
 - "int8_w8a8"  qweight int8 [N, K] (symmetric, -127..127), scale float32 [N]; activations per token to int8 with
                scale amax(|h|) / 127 (round half to even, clamp); exact integer accumulation, * a_scale * scale.
 - "int8_w8a16" the int8 weight above, W = qweight * scale[:, None] dequantized to x's dtype and multiplied in x's
-               dtype (weight-only; the CPU's packed int8 kernel: codegen/cpu/linear.py; no GPU kernel).
+               dtype (weight-only: ATen's int8 kernel on CPU, codegen/cpu/linear.py; quant_linear_a16 on GPUs).
 - "int4_w4a16" qweight uint8 [N, K / 2]: k = 2j in the low nibble, k = 2j + 1 in the high one, 0..15; scale
                float32 [N, K / G], zero uint8 [N, K / G] (asymmetric): W = (q - zero) * scale per group,
                dequantized to x's dtype and multiplied in x's dtype.

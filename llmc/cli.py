@@ -240,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
                    help="triton (default): graph + Triton kernels; onnx: an ONNX model for onnxruntime; tensorrt: "
                         "that ONNX + TensorRT build settings (engine built on the GPU host: llmc build-engine)")
     c.add_argument("--quant", metavar="SCHEME",
-                   help="fp8, fp8-w8a16, int8 (SmoothQuant), int8-rtn, int8-w8a16 (weight-only, CPU), int4, "
+                   help="fp8, fp8-w8a16, int8 (SmoothQuant), int8-rtn, int8-w8a16 (weight-only), int4, "
                         "int4-awq, w4a8, mixed")
     c.add_argument("--quant-group-size", type=int, metavar="N", help="int4 group size (default 128)")
     c.add_argument("--quant-policy", metavar="FILE", help="TOML policy: a scheme per layer kind (see passes/policies)")

@@ -7,7 +7,7 @@ registry keyed by config type that turns one into a weight format of codegen/qua
 - `Int8Config(smooth_alpha=0.5)`: int8_w8a8 with SmoothQuant smoothing of strength alpha (needs calibration);
   alpha 0 is plain round-to-nearest (the SmoothQuant formula at alpha 0 would move all difficulty into the
   activations instead);
-- `Int8WeightOnlyConfig()`: int8_w8a16, round-to-nearest per output channel (CPU targets: ATen's int8 kernel);
+- `Int8WeightOnlyConfig()`: int8_w8a16, round-to-nearest per output channel, weight-only;
 - `Int4WeightOnlyConfig(group_size=128, awq=False)`: int4_w4a16, round-to-nearest or AWQ (needs calibration);
 - `Int4W4A8Config(group_size=128)`: int4_w4a8, round-to-nearest.
 `QuantPolicy` maps layer kinds (`layer_kind` of a weight name: "attention", "mlp", "lm_head", "other") to configs

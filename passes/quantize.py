@@ -37,7 +37,7 @@ from .calibrate import SAMPLE_ROWS, CalibrationError, Gemm, Stats, StatsBuilder,
 from .graph_weights import add_weight, drop_unread, finish_node, read
 from .pattern import PassContext
 from .quant_config import (Float8Config, Int4W4A8Config, Int4WeightOnlyConfig, Int8Config, Int8WeightOnlyConfig,
-                           QuantConfigError, QuantPolicy, as_policy, layer_kind)
+                           QuantPolicy, as_policy, layer_kind)
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 AWQ_GRID = tuple(i / 10 for i in range(11))
@@ -89,9 +89,6 @@ def _int8(config: Int8Config, target) -> Plan:
 
 @register_handler(Int8WeightOnlyConfig)
 def _int8_weight_only(config: Int8WeightOnlyConfig, target) -> Plan:
-    if target is not None and target.is_gpu:
-        raise QuantConfigError(f"int8-w8a16 (weight-only int8) runs on CPU targets only; for "
-                               f"{describe_target(target)} use fp8-w8a16 or int8")
     return Plan("int8_w8a16")
 
 

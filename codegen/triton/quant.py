@@ -1,7 +1,7 @@
 """Launcher of llmc::quant_linear (codegen/quant.py defines the op, its schemes and weight formats) and its inputs.
 
 Three kernels, rendered per spec like the other GEMMs (templates/quant_linear_*.py.j2):
-- quant_linear_a16 (fp8_w8a16, int4_w4a16): one GEMM; the norm statistic in a prologue loop, the weight tile
+- quant_linear_a16 (fp8_w8a16, int8_w8a16, int4_w4a16): one GEMM; the norm statistic in a prologue loop, the weight tile
   dequantized to x's dtype in the main loop, in_scale on the K axis, fp32 accumulation, bias and SwiGLU after.
 - quant_linear_rows (the a8 schemes' first launch): one program per token row normalises, applies in_scale and
   writes the row quantized per token (int8, or e4m3 as bytes) with its a_scale.
@@ -28,8 +28,8 @@ from llmc.codegen.triton.hooks import current_arch, dtype_name, empty_output, lo
 from llmc.targets import FP8_MIN_CAPABILITY
 
 # The weight format each scheme's kernels are rendered for (spec key "scheme").
-WEIGHT_FORMAT = {"fp8_w8a16": "fp8", "fp8_w8a8": "fp8", "int8_w8a8": "int8", "int4_w4a16": "int4",
-                 "int4_w4a8": "int4"}
+WEIGHT_FORMAT = {"fp8_w8a16": "fp8", "fp8_w8a8": "fp8", "int8_w8a8": "int8", "int8_w8a16": "int8",
+                 "int4_w4a16": "int4", "int4_w4a8": "int4"}
 MIN_BLOCK_K = {16: 16, 8: 32}  # activation bits -> the smallest K a tensor-core dot takes (8-bit operands: 32)
 _UNWRITTEN = {torch.int8: -128, torch.uint8: 0x7F}  # never a quantized value: -128 is clamped away, 0x7F is NaN
 

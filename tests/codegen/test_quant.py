@@ -33,7 +33,7 @@ def test_weight_rounding_error_is_at_most_half_a_step(scheme):
         bound = torch.maximum(w.abs() * 2**-4, qw.scale[:, None] * 2**-10)
         assert (err <= bound * (1 + 1e-6)).all()
         assert qw.qweight.dtype == FP8 and qw.zero is None
-    elif scheme == "int8_w8a8":
+    elif scheme.startswith("int8"):
         assert (err <= qw.scale[:, None] / 2 * (1 + 1e-5)).all()
         assert qw.qweight.dtype == torch.int8 and qw.qweight.abs().max() <= 127
     else:
@@ -81,7 +81,7 @@ def test_op_is_close_to_the_unquantized_gemm(scheme):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("scheme", ["fp8_w8a16", "int4_w4a16", "int8_w8a8"])
+@pytest.mark.parametrize("scheme", ["fp8_w8a16", "int4_w4a16", "int8_w8a8", "int8_w8a16"])
 def test_half_precision_and_swiglu(scheme, dtype):
     w = torch.randn(2 * 40, 64)
     x = torch.randn(5, 64).to(dtype)
