@@ -1,22 +1,28 @@
-"""The `llmc bench` sweep: llmc beside Hugging Face eager and torch.compile on one model, in one process.
+"""The `llmc bench` sweep: llmc beside its peers on one model, in one process. The peers (compiler/bench_systems.py):
+Hugging Face eager and torch.compile always, onnxruntime (llmc's --backend onnx export) where it is installed and
+runs the dtype, and llama.cpp (llama-cpp-python) where it is installed and the model is a GGUF file.
 
 For a registry name the model gets random weights, written as a Hugging Face checkpoint to a temporary
-directory, so that llmc compiles and transformers loads the very same tensors. For each system it measures time
-to first token over prompt lengths (batch 1) and decode time per step over batch sizes, and its peak memory;
-for llmc also the compile time and the cold start (bundle load to first token). Each figure is set against
-its floor on the measured device (runtime/bench.py) and llmc's figures against the other two.
+directory, so that llmc compiles and transformers loads the very same tensors; a GGUF file (or a packaged GGUF
+model) is read by every system from the file itself. Figures: time to first token over prompt lengths (batch 1)
+and time per decode step over batch sizes; per system its peak memory over loading and a first short generate;
+for llmc also the compile time and its peak memory, and the cold start (bundle load to first token).
 
-torch.compile runs transformers' forward under inductor (default mode) with a static KV cache, the set-up
-transformers documents for compiled generation: a dynamic cache changes shape every step and recompiles.
-Its first call (compilation) is a warm-up and is reported apart as `first_call_s`.
+Method: one thread count pinned for every system (torch, onnxruntime's intra-op pool, llama.cpp's n_threads and
+n_threads_batch); all systems loaded together and alternated at each point, each round drawing fresh prompt
+token ids shared by all systems (runtime/bench.py: alternate); warm-up rounds, then the median and min-max of
+`repeat` rounds. A run started on a busy machine (1-minute load >= 0.5) is refused, or with `force` recorded as
+not for publishing (compiler/bench_report.py: unpublishable), as is a quick one.
 
-A point that cannot run here is recorded as {"skipped": reason}, never estimated: lengths beyond the model's
-maximum, runs whose time, extrapolated from a shorter measured length by FLOPs, exceeds the per-point budget,
-and llmc prompts whose attention scores would not fit in memory (the reference attention materializes them).
+Each figure is set against its floor on the measured device (runtime/bench.py) and against the best peer
+(compiler/bench_report.py: compare). A point that cannot run here is recorded as {"skipped": reason}, never
+estimated: lengths beyond the model's maximum, runs whose time, extrapolated from a shorter measured length by
+FLOPs, exceeds the per-point budget, and llmc prompts whose attention scores would not fit in memory.
 """
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,15 +32,16 @@ import torch
 from tqdm import tqdm
 
 import llmc
+from llmc.compiler import bench_systems as systems_
 from llmc.compiler.api import compile as llmc_compile
+from llmc.compiler.bench_report import PEERS, compare
+from llmc.models import ModelConfig
+from llmc.models.gguf import GGUFFile, is_gguf
 from llmc.models.loader import read_config, save_checkpoint
-from llmc.models.registry import EMBEDDED_DIR, EMBEDDED_NAME, get_config
+from llmc.models.registry import EMBEDDED_DIR, EMBEDDED_NAME, PACKAGED, get_config, packaged_file
 from llmc.models.transformer import Transformer
 from llmc.runtime import bench as probe
-from llmc.runtime.engine import load
 from llmc.targets import get_target, resolve_dtype, targets_with_capability
-
-SYSTEMS = ("llmc", "eager", "torch.compile")
 
 
 @dataclass
@@ -43,8 +50,8 @@ class BenchSettings:
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])
     decode_context: int = 128  # prompt length of the decode runs
     new_tokens: int = 32  # per decode run; the first comes from the prefill and is not counted
-    warmup: int = 1
-    repeat: int = 3
+    warmup: int = 1  # rounds at each point before the recorded ones
+    repeat: int = 5  # recorded rounds at each point
     point_budget_s: float = 120.0  # skip a point whose extrapolated time exceeds this
 
     @classmethod
@@ -52,6 +59,16 @@ class BenchSettings:
         """One length, one batch, a few tokens: every system and field exercised, in CI time."""
         return cls(lengths=[64], batches=[1], decode_context=64, new_tokens=4, warmup=1, repeat=1,
                    point_budget_s=30.0)
+
+
+@dataclass
+class BenchModel:
+    name: str
+    config: ModelConfig
+    source: Path  # what llmc compiles: a checkpoint directory or a GGUF file
+    hf_args: dict  # transformers' from_pretrained arguments for the same weights
+    weights: str  # "random", "checkpoint" or "gguf"
+    gguf: GGUFFile | None = None
 
 
 def host_target(device: str) -> str:
@@ -63,25 +80,31 @@ def host_target(device: str) -> str:
     return known[0].name
 
 
-def prepare_checkpoint(model: str, directory: Path, device: str) -> tuple[str, Path]:
-    """(model name, checkpoint directory): the embedded model or a checkpoint directory as is, a registry name
-    with random weights (stored in bfloat16, each system casts to the bench dtype)."""
+def prepare_model(model: str, directory: Path, device: str) -> BenchModel:
+    """The embedded model, a checkpoint directory or a GGUF file as is; a registry name with random weights
+    (stored in bfloat16, each system casts to the bench dtype)."""
     if model.lower() == EMBEDDED_NAME:
-        return EMBEDDED_NAME, EMBEDDED_DIR
-    path = Path(model)
+        return BenchModel(EMBEDDED_NAME, read_config(EMBEDDED_DIR), EMBEDDED_DIR,
+                          {"pretrained_model_name_or_path": str(EMBEDDED_DIR)}, "checkpoint")
+    path = packaged_file(model) if model.lower() in PACKAGED else Path(model)
+    if is_gguf(path):
+        gguf = GGUFFile(path)
+        name = model.lower() if model.lower() in PACKAGED else path.stem
+        return BenchModel(name, gguf.config(), path, {"pretrained_model_name_or_path": str(path.parent),
+                                                      "gguf_file": path.name}, "gguf", gguf)
     if (path / "manifest.json").is_file():
-        raise ValueError(f"{model} is a bundle; bench needs the model it came from to build the transformers "
-                         "baselines: give its checkpoint directory or registry name")
+        raise ValueError(f"{model} is a bundle; bench needs the model it came from to build the peers: give its "
+                         "checkpoint directory, GGUF file or registry name")
     if path.is_dir():
-        read_config(path)
-        return path.resolve().name, path
+        return BenchModel(path.resolve().name, read_config(path), path,
+                          {"pretrained_model_name_or_path": str(path)}, "checkpoint")
     cfg = get_config(model)
     torch.manual_seed(0)
     with torch.device(device):
         net = Transformer(cfg)
     save_checkpoint(net, directory, torch.bfloat16)
     del net
-    return model.lower(), directory
+    return BenchModel(model.lower(), cfg, directory, {"pretrained_model_name_or_path": str(directory)}, "random")
 
 
 def _round_up(n: int, block: int = 16) -> int:
@@ -113,155 +136,88 @@ class _Points:
             if estimate > self.settings.point_budget_s:
                 return (f"skipped: about {estimate:.0f} s (scaled by FLOPs from a measured shorter prompt) exceeds "
                         f"the {self.settings.point_budget_s:.0f} s budget per point")
-        if system == "llmc":
+        if system in ("llmc", "onnxruntime"):
             scores = self.shapes.num_heads * length * length * max(dtype_bytes, 4) * 2
             if scores > _free_memory_bytes(device):
-                return f"skipped: llmc's reference attention would need {scores / 1e9:.0f} GB for its scores"
+                return f"skipped: {system}'s attention would need {scores / 1e9:.0f} GB for its scores"
         return None
 
     def record(self, system: str, length: int, seconds: float) -> None:
         self.last[system] = (probe.prefill_flops(self.shapes, 1, length), seconds)
 
 
-def _llmc_ttft(engine, length: int, vocab: int, warmup: int, repeat: int) -> float:
-    def once():
-        engine.generate([torch.randint(0, vocab, (length,)).tolist()], max_new_tokens=1)
-        return engine.timing.first_token_s
-
-    return probe.median_of(once, warmup, repeat)
-
-
-def _llmc_decode_step(engine, batch: int, context: int, new_tokens: int, vocab: int, warmup: int,
-                      repeat: int) -> float:
-    def once():
-        prompts = torch.randint(0, vocab, (batch, context)).tolist()
-        engine.generate(prompts, max_new_tokens=new_tokens)
-        return engine.timing.decode_s / (engine.timing.decode_tokens / batch)
-
-    return probe.median_of(once, warmup, repeat)
-
-
-def _hf_generate(model, batch: int, length: int, new_tokens: int, vocab: int, cache_len: int | None) -> list[float]:
-    """Timestamps (from the call) of each new token's logits: [0] is the time to first token. cache_len: a static
-    cache of that many tokens (its shape is part of the compiled graphs), None for transformers' dynamic one."""
-    from transformers import LogitsProcessor, LogitsProcessorList, StaticCache
-
-    class Stamps(LogitsProcessor):
-        def __init__(self, start: float):
-            self.start, self.times = start, []
-
-        def __call__(self, input_ids, scores):
-            probe.synchronize(scores.device)
-            self.times.append(time.perf_counter() - self.start)
-            return scores
-
-    ids = torch.randint(0, vocab, (batch, length), device=model.device)
-    extra = {"past_key_values": StaticCache(config=model.config, max_cache_len=cache_len)} if cache_len else {}
-    probe.synchronize(model.device)
-    stamps = Stamps(time.perf_counter())
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                       logits_processor=LogitsProcessorList([stamps]), **extra)
-    return stamps.times
-
-
-def _load_hf(checkpoint: Path, dtype: torch.dtype, device: str, compiled: bool):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
-    model.generation_config.disable_compile = True  # only our torch.compile, never transformers' own
-    if compiled:
-        model.forward = torch.compile(model.forward)
-    return model
-
-
-def _entry(seconds: float, floor_s: float, **more) -> dict:
-    return {"seconds": seconds, "fraction_of_floor": floor_s / seconds, **more}
+def _entry(samples: list[float], floor_s: float, batch: int | None = None) -> dict:
+    entry = probe.spread(samples)
+    entry["fraction_of_floor"] = floor_s / entry["seconds"]
+    if batch is not None:
+        entry.update(tokens_per_s=batch / entry["seconds"], tokens_per_s_min=batch / entry["max_s"],
+                     tokens_per_s_max=batch / entry["min_s"])
+    return entry
 
 
 def run_bench(model: str, quick: bool = False, device: str = "cpu", lengths: list[int] | None = None,
               batches: list[int] | None = None, target: str | None = None, dtype: str | None = None,
-              workdir: str | Path | None = None, progress: bool = True) -> dict:
-    """Measures llmc, transformers eager and torch.compile on MODEL; returns the report (see bench/report.py)."""
+              workdir: str | Path | None = None, progress: bool = True, threads: int | None = None,
+              repeat: int | None = None, peers: list[str] | None = None, force: bool = False) -> dict:
+    """Measures llmc and its peers on MODEL; returns the report (see compiler/bench_report.py). peers: the peers to
+    run (default all: eager, torch.compile, onnxruntime, llama.cpp); force: measure on a busy machine."""
     settings = BenchSettings.quick() if quick else BenchSettings()
     settings.lengths = sorted(set(lengths or settings.lengths))
-    settings.batches = sorted(batches or settings.batches)
-    if min(settings.lengths) < 1 or min(settings.batches) < 1:
-        raise ValueError("--lengths and --batches must be positive")
+    settings.batches = sorted(set(batches or settings.batches))
+    settings.repeat = settings.repeat if repeat is None else repeat
+    if min(settings.lengths) < 1 or min(settings.batches) < 1 or settings.repeat < 1:
+        raise ValueError("--lengths, --batches and --repeat must be positive")
+    unknown = sorted(set(peers or ()) - set(PEERS))
+    if unknown:
+        raise ValueError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
     if device != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+    threads = len(os.sched_getaffinity(0)) if threads is None else threads
+    if threads < 1:
+        raise ValueError("--threads must be positive")
+    load_at_start = probe.check_quiet(force or quick)  # a quick run is never published
     tgt = get_target(target or host_target(device))
     dtype_name = resolve_dtype(tgt, dtype)
-    torch_dtype = getattr(torch, dtype_name)
-    dtype_bytes = torch.empty(0, dtype=torch_dtype).element_size()
-    with tempfile.TemporaryDirectory(dir=workdir, prefix="llmc-bench-") as tmp:
-        name, checkpoint = prepare_checkpoint(model, Path(tmp) / "checkpoint", device)
-        cfg = read_config(checkpoint)
-        shapes = probe.Shapes.from_config(cfg.to_dict())
-        settings.decode_context = min(settings.decode_context, cfg.max_position_embeddings - settings.new_tokens)
-        longest = cfg.max_position_embeddings - 1  # one new token must fit
-        if max(settings.lengths) > longest:  # measure at the model's limit rather than stop short of it
-            settings.lengths = sorted({*settings.lengths, longest})
-        report = {
-            "model": name, "device": probe.device_name(device), "target": tgt.name, "dtype": dtype_name,
-            # The embedded model and a checkpoint directory bring their weights; a registry name gets random ones.
-            "weights": "random" if checkpoint.is_relative_to(tmp) else "checkpoint",
-            "quick": quick, "date": time.strftime("%Y-%m-%d"), "settings": asdict(settings),
-            "versions": {"llmc": llmc.__version__, "torch": torch.__version__, **_hf_version()},
-            "config": cfg.to_dict(),
-            "probes": {"copy_bytes_per_s": probe.copy_bandwidth(device),
-                       "matmul_flops_per_s": probe.matmul_rate(device, torch_dtype), "matmul_dtype": dtype_name},
-        }
-        report["device_slug"] = probe.device_slug(report["device"])
-        if max(settings.lengths) > longest:
-            report["capped"] = (f"prompts longer than {longest} tokens skipped (the model's maximum is "
-                                f"{cfg.max_position_embeddings}); measured at {longest} instead")
-        points = _Points(cfg.max_position_embeddings, settings, shapes)
-        prefill = [{"batch": 1, "length": n, "flops": probe.prefill_flops(shapes, 1, n),
-                    "floor_s": probe.prefill_floor_s(shapes, 1, n, report["probes"]["matmul_flops_per_s"])}
-                   for n in settings.lengths]
-        context = settings.decode_context
-        decode = [{"batch": b, "context": context, "new_tokens": settings.new_tokens,
-                   "bytes_per_step": probe.decode_step_bytes(shapes, b, context, dtype_bytes),
-                   "floor_s": probe.decode_floor_s(shapes, b, context, dtype_bytes,
-                                                   report["probes"]["copy_bytes_per_s"])}
-                  for b in settings.batches]
-        total = len(SYSTEMS) * (len(prefill) + len(decode)) + 1
-        bar = tqdm(total=total, desc=f"bench {name}", unit="point", disable=not progress)
-        memory = {}
-        for system in SYSTEMS:
-            with probe.PeakMemory(device) as peak:
-                if system == "llmc":
-                    run = _llmc_system(report, checkpoint, tgt.name, dtype_name, device, settings, bar, tmp)
-                else:
-                    run = _hf_system(system, checkpoint, torch_dtype, device, settings, report, bar)
-                for row in prefill:
-                    bar.set_postfix_str(f"{system} prefill {row['length']}")
-                    skip = points.prefill_skip(system, row["length"], dtype_bytes, device)
-                    if skip:
-                        row[system] = {"skipped": skip}
-                    else:
-                        seconds = run.ttft(row["length"])
-                        points.record(system, row["length"], seconds)
-                        row[system] = _entry(seconds, row["floor_s"])
-                    bar.update()
-                for row in decode:
-                    bar.set_postfix_str(f"{system} decode batch {row['batch']}")
-                    seconds = run.decode_step(row["batch"])
-                    row[system] = _entry(seconds, row["floor_s"], tokens_per_s=row["batch"] / seconds)
-                    bar.update()
-                run.close()
-            memory[system] = peak.to_dict()
-            gc.collect()
-        bar.close()
-    for row in prefill + decode:
-        for other in SYSTEMS[1:]:
-            ours, theirs = row["llmc"].get("seconds"), row[other].get("seconds")
-            row[f"llmc_speedup_vs_{other}"] = theirs / ours if ours and theirs else None
-    report.update(prefill=prefill, decode=decode, memory=memory)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # before any system loads: onnxruntime takes its pool size from it
+    torch.manual_seed(0)  # the prompts
+    wanted = ["llmc", *(p for p in PEERS if peers is None or p in peers)]
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir, prefix="llmc-bench-") as tmp:
+            bench_model = prepare_model(model, Path(tmp) / "checkpoint", device)
+            report = _new_report(bench_model, device, tgt.name, dtype_name, settings, quick, threads, load_at_start)
+            _measure(report, bench_model, settings, device, wanted, Path(tmp), progress)
+    finally:
+        torch.set_num_threads(threads_before)
+    return report
+
+
+def _new_report(m: BenchModel, device: str, target: str, dtype: str, settings: BenchSettings, quick: bool,
+                threads: int, load: float) -> dict:
+    cfg = m.config
+    settings.decode_context = min(settings.decode_context, cfg.max_position_embeddings - settings.new_tokens)
+    longest = cfg.max_position_embeddings - 1  # one new token must fit
+    capped = max(settings.lengths) > longest
+    if capped:  # measure at the model's limit rather than stop short of it
+        settings.lengths = sorted({*settings.lengths, longest})
+    torch_dtype = getattr(torch, dtype)
+    report = {
+        "model": m.name, "device": probe.device_name(device), "target": target, "dtype": dtype,
+        "weights": m.weights, "quick": quick, "date": time.strftime("%Y-%m-%d"), "settings": asdict(settings),
+        "threads": threads, "load_at_start": load,
+        # Read by OpenMP when it starts (before this code runs): recorded, since it decides how idle threads wait.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "versions": {"llmc": llmc.__version__, "torch": torch.__version__, **_hf_version()},
+        "config": cfg.to_dict(),
+        "probes": {"copy_bytes_per_s": probe.copy_bandwidth(device),
+                   "matmul_flops_per_s": probe.matmul_rate(device, torch_dtype), "matmul_dtype": dtype},
+    }
+    report["device_slug"] = probe.device_slug(report["device"])
+    if m.gguf is not None:
+        report["gguf_types"] = dict(m.gguf.quant_types())
+    if capped:
+        report["capped"] = (f"prompts longer than {longest} tokens skipped (the model's maximum is "
+                            f"{cfg.max_position_embeddings}); measured at {longest} instead")
     return report
 
 
@@ -271,69 +227,138 @@ def _hf_version() -> dict:
     return {"transformers": transformers.__version__}
 
 
-class _Run:
-    """One system's measuring functions over a loaded model."""
+def _measure(report: dict, m: BenchModel, settings: BenchSettings, device: str, wanted: list[str], tmp: Path,
+             progress: bool) -> None:
+    """Loads every wanted system, measures them alternated at each point, and fills report's rows."""
+    cfg, s = m.config, settings
+    shapes = probe.Shapes.from_config(cfg.to_dict())
+    dtype_bytes = torch.empty(0, dtype=getattr(torch, report["dtype"])).element_size()
+    bandwidth, rate = report["probes"]["copy_bytes_per_s"], report["probes"]["matmul_flops_per_s"]
+    prefill = [{"batch": 1, "length": n, "flops": probe.prefill_flops(shapes, 1, n),
+                "floor_s": probe.prefill_floor_s(shapes, 1, n, rate)} for n in s.lengths]
+    decode = [{"batch": b, "context": s.decode_context, "new_tokens": s.new_tokens,
+               "bytes_per_step": probe.decode_step_bytes(shapes, b, s.decode_context, dtype_bytes),
+               "floor_s": probe.decode_floor_s(shapes, b, s.decode_context, dtype_bytes, bandwidth)}
+              for b in s.batches]
+    floors = {}  # system -> its own decode floor by batch, where it reads other bytes than the bench dtype's
+    bar = tqdm(total=len(wanted) * (1 + len(prefill) + len(decode)), desc=f"bench {m.name}", unit="point",
+               disable=not progress)
+    loaded, memory = {}, {}
+    not_run = {p: "left out by --peers" for p in PEERS if p not in wanted}
+    for name in wanted:
+        bar.set_postfix_str(f"{name} load")
+        found = _load_system(name, report, m, settings, device, tmp, not_run)
+        if found is not None:
+            loaded[name], memory[name] = found
+            if name == "llama.cpp":
+                stored = report["llama_cpp"]["weight_bytes"]
+                kv = shapes.kv_bytes_per_token(2)  # its KV cache is f16
+                floors[name] = {b: (stored + b * s.decode_context * kv) / bandwidth for b in s.batches}
+        bar.update(1 + (0 if found else len(prefill) + len(decode)))  # its points will not run
+    vocab = cfg.vocab_size
+    points = _Points(cfg.max_position_embeddings, settings, shapes)
+    for row in prefill:
+        bar.set_postfix_str(f"prefill {row['length']}")
+        active = {}
+        for name, system in loaded.items():
+            skip = points.prefill_skip(name, row["length"], dtype_bytes, device)
+            if skip:
+                row[name] = {"skipped": skip}
+            else:
+                active[name] = system.ttft
+        samples = probe.alternate(active, lambda: torch.randint(0, vocab, (row["length"],)).tolist(), s.warmup,
+                                  s.repeat)
+        for name, times in samples.items():
+            row[name] = _entry(times, row["floor_s"])
+            points.record(name, row["length"], row[name]["seconds"])
+        bar.update(len(loaded))
+    for row in decode:
+        bar.set_postfix_str(f"decode batch {row['batch']}")
+        b, active = row["batch"], {}
+        for name, system in loaded.items():
+            if system.max_batch is not None and b > system.max_batch:
+                row[name] = {"skipped": system.why_not_batch}
+            else:
+                active[name] = system.decode_step
+        samples = probe.alternate(active, lambda: torch.randint(0, vocab, (b, s.decode_context)).tolist(),
+                                  s.warmup, s.repeat)
+        for name, times in samples.items():
+            floor_s = floors.get(name, {}).get(b, row["floor_s"])
+            row[name] = _entry(times, floor_s, batch=b)
+            if name in floors:
+                row[name]["floor_s"] = floor_s
+        bar.update(len(loaded))
+    bar.close()
+    for system in loaded.values():
+        system.close()
+    gc.collect()
+    for row in prefill + decode:
+        for name in not_run:
+            row[name] = {"skipped": "not run"}
+        compare(row)
+    report.update(prefill=prefill, decode=decode, memory=memory, not_run=not_run)
 
-    def __init__(self, ttft, decode_step, close):
-        self.ttft, self.decode_step, self.close = ttft, decode_step, close
 
-
-def _llmc_system(report: dict, checkpoint: Path, target: str, dtype: str, device: str, settings: BenchSettings,
-                 bar, tmp: str) -> _Run:
-    vocab = report["config"]["vocab_size"]
-    max_len = report["config"]["max_position_embeddings"]
-    longest = min(max(settings.lengths) + 1, max_len)
-    need = max(longest, settings.decode_context + settings.new_tokens)
-    bar.set_postfix_str("llmc compile")
-    t = time.perf_counter()
-    bundle = llmc_compile(checkpoint, target, Path(tmp) / "bundle.llmc", dtype=dtype, max_seq_len=need)
-    report["compile_s"] = time.perf_counter() - t
+def _load_system(name: str, report: dict, m: BenchModel, settings: BenchSettings, device: str, tmp: Path,
+                 not_run: dict) -> tuple[systems_.System, dict] | None:
+    """(the system, its peak memory over loading and a first short generate), or None with not_run[name] set."""
+    s, dtype = settings, report["dtype"]
+    max_len = m.config.max_position_embeddings
+    need = max(min(max(s.lengths) + 1, max_len), s.decode_context + s.new_tokens)
     # Room for the longest prompt alone, or for the largest decode batch at its context (never both at once).
-    decode_tokens = settings.decode_context + settings.new_tokens
-    kv_tokens = max(_round_up(longest), max(settings.batches) * _round_up(decode_tokens)) + 16
+    kv_tokens = max(_round_up(need), max(s.batches) * _round_up(s.decode_context + s.new_tokens)) + 16
+    first_prompt = torch.randint(0, m.config.vocab_size, (min(s.lengths[0], need - 1),)).tolist()
+    reason = _unavailable(name, m, device, dtype)
+    if reason:
+        not_run[name] = reason
+        return None
+    bundle = None
+    if name in ("llmc", "onnxruntime"):
+        bundle = _compile(name, report, m, device, need, tmp, not_run)
+        if bundle is None:
+            return None
+    with probe.PeakMemory(device) as peak:
+        t = time.perf_counter()
+        if bundle is not None:
+            system = systems_.llmc_system(bundle, device, kv_tokens, s.new_tokens)
+        elif name == "llama.cpp":
+            system, report["llama_cpp"] = systems_.llama_system(m.gguf, report["threads"], _round_up(need, 256),
+                                                                s.new_tokens)
+        else:
+            system = systems_.hf_system(m.hf_args, getattr(torch, dtype), device, name == "torch.compile",
+                                        s.new_tokens, report.setdefault("first_call_s", {}))
+        system.ttft(first_prompt)
+        probe.synchronize(device)
+        if name == "llmc":
+            report["cold_start_s"] = time.perf_counter() - t
+            report["cold_start_note"] = "in-process: bundle load, KV allocation and warm-up to the first token"
+    return system, peak.to_dict()
+
+
+def _unavailable(name: str, m: BenchModel, device: str, dtype: str) -> str | None:
+    if name == "onnxruntime":
+        return systems_.onnx_unavailable(device, dtype)
+    if name == "llama.cpp":
+        return systems_.llama_unavailable(m.source if m.gguf else None, device)
+    return None
+
+
+def _compile(name: str, report: dict, m: BenchModel, device: str, need: int, tmp: Path, not_run: dict
+             ) -> Path | None:
+    """llmc's bundle (name "llmc") or its --backend onnx export (name "onnxruntime"), with the time and peak memory
+    of the compile in the report; None (and why in not_run) where the onnx export fails on this model."""
+    from llmc.codegen.onnx import OnnxExportError, OnnxValidationError
+
+    backend = "onnx" if name == "onnxruntime" else "triton"
     t = time.perf_counter()
-    engine = load(bundle, device=device if device != "cpu" else "cpu", kv_cache_tokens=kv_tokens)
-    engine.generate([torch.randint(0, vocab, (min(settings.lengths[0], need - 1),)).tolist()], max_new_tokens=1)
-    probe.synchronize(device)
-    report["cold_start_s"] = time.perf_counter() - t
-    report["cold_start_note"] = "in-process: bundle load, KV allocation and warm-up to the first token"
-    bar.update()
-    s = settings
-    return _Run(lambda n: _llmc_ttft(engine, n, vocab, s.warmup, s.repeat),
-                lambda b: _llmc_decode_step(engine, b, s.decode_context, s.new_tokens, vocab, s.warmup, s.repeat),
-                lambda: None)
-
-
-def _hf_system(system: str, checkpoint: Path, dtype: torch.dtype, device: str, settings: BenchSettings,
-               report: dict, bar) -> _Run:
-    compiled = system == "torch.compile"
-    model = _load_hf(checkpoint, dtype, device, compiled)
-    vocab, s = report["config"]["vocab_size"], settings
-    first_calls = report.setdefault("first_call_s", {})
-
-    def ttft(length: int) -> float:
-        # The cache the decode runs use: a prompt as long as their context reuses their compiled prefill.
-        cache_len = length + s.new_tokens if compiled else None
-        if compiled:  # the compile of this shape is the warm-up; its time is worth reporting on its own
-            first_calls[f"prefill {length}"] = _hf_generate(model, 1, length, 1, vocab, cache_len)[0]
-        return probe.median_of(lambda: _hf_generate(model, 1, length, 1, vocab, cache_len)[0],
-                               0 if compiled else s.warmup, s.repeat)
-
-    def decode_step(batch: int) -> float:
-        cache_len = s.decode_context + s.new_tokens if compiled else None
-
-        def once():
-            times = _hf_generate(model, batch, s.decode_context, s.new_tokens, vocab, cache_len)
-            return (times[-1] - times[0]) / (len(times) - 1)
-
-        if compiled:
-            first_calls[f"decode batch {batch}"] = once() * (s.new_tokens - 1)
-        return probe.median_of(once, 0 if compiled else s.warmup, s.repeat)
-
-    def close():
-        nonlocal model
-        del model
-        if compiled:
-            torch._dynamo.reset()
-
-    return _Run(ttft, decode_step, close)
+    try:
+        with probe.PeakMemory(device) as peak:
+            bundle = llmc_compile(m.source, report["target"], tmp / f"{backend}.llmc", dtype=report["dtype"],
+                                  max_seq_len=need, backend=backend)
+    except (OnnxExportError, OnnxValidationError) as e:
+        not_run[name] = f"llmc's onnx export failed on this model: {e}"
+        return None
+    key = "compile" if name == "llmc" else "onnx_compile"
+    report[f"{key}_s"] = time.perf_counter() - t
+    report[f"{key}_memory"] = peak.to_dict()
+    return bundle

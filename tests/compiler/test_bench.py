@@ -1,5 +1,6 @@
-"""`llmc bench --quick` on the embedded model: every field of the report, all three systems measured, floors,
-and the files (JSON, table, README section) written. Checks what was measured, never how fast."""
+"""`llmc bench --quick` on the embedded model: every field of the report, llmc and its peers measured (HF eager,
+torch.compile, onnxruntime; llama.cpp only runs a GGUF file: tests/compiler/test_bench_systems.py), the floors and
+ratios, the files written, and the command line's one-line refusals. Checks what was measured, never how fast."""
 from __future__ import annotations
 
 import json
@@ -9,47 +10,57 @@ import sys
 
 import pytest
 
-from bench.report import END, START, main as report_main
-from llmc.compiler.bench import SYSTEMS, run_bench
-from llmc.compiler.bench_report import write_results
+from llmc.cli import main as cli_main
+from llmc.compiler.bench import run_bench
+from llmc.compiler.bench_report import PEERS, unpublishable, write_results
 
-
-pytestmark = pytest.mark.slow  # the quick sweep compiles with llmc and inductor: about a minute on 2 cores
+MEASURED = ("llmc", "eager", "torch.compile", "onnxruntime")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return run_bench("llmc-tiny", quick=True, workdir=tmp_path_factory.mktemp("work"), progress=False)
+    return run_bench("llmc-tiny", quick=True, workdir=tmp_path_factory.mktemp("work"), progress=False, threads=1)
 
 
 def _measured(entry: dict) -> bool:
-    return "skipped" not in entry and entry["seconds"] > 0 and 0 < entry["fraction_of_floor"] < math.inf
+    return ("skipped" not in entry and entry["min_s"] <= entry["seconds"] <= entry["max_s"]
+            and 0 < entry["fraction_of_floor"] < math.inf)
 
 
-def test_report_names_what_was_measured(report):
-    assert report["model"] == "llmc-tiny" and report["dtype"] == "float32" and report["target"] == "cpu"
-    assert report["device"] and report["device_slug"] and report["quick"] is True
-    assert report["compile_s"] > 0 and report["cold_start_s"] > 0
+@pytest.mark.slow  # the quick sweep compiles llmc twice (graph and ONNX) and inductor once: about a minute
+def test_report_names_what_was_measured_and_how(report):
+    assert report["model"] == "llmc-tiny" and report["target"] == "cpu" and report["quick"] is True
+    assert report["device"] and report["device_slug"] and report["threads"] == 1
+    assert report["compile_s"] > 0 and report["cold_start_s"] > 0 and report["onnx_compile_s"] > 0
+    assert report["compile_memory"]["peak_bytes"] > 0 and report["load_at_start"] >= 0
     assert report["probes"]["copy_bytes_per_s"] > 0 and report["probes"]["matmul_flops_per_s"] > 0
     assert set(report["first_call_s"]) == {"prefill 64", "decode batch 1"}
+    assert set(report["not_run"]) == {"llama.cpp"} and "GGUF" in report["not_run"]["llama.cpp"]
+    assert "quick mode" in unpublishable(report)
 
 
-def test_all_three_systems_measured_against_the_floor(report):
+@pytest.mark.slow
+def test_every_system_measured_against_the_floor_and_the_best_peer(report):
+    if report["dtype"] != "float32":  # onnxruntime's CPU provider runs float32 only
+        pytest.skip(f"this host's default dtype is {report['dtype']}")
     assert [r["length"] for r in report["prefill"]] == [64]
     assert [r["batch"] for r in report["decode"]] == [1]
     for row in report["prefill"] + report["decode"]:
-        assert row["floor_s"] > 0
-        for system in SYSTEMS:
+        assert row["floor_s"] > 0 and row["llama.cpp"] == {"skipped": "not run"}
+        for system in MEASURED:
             assert _measured(row[system]), (system, row[system])
+        best = min(MEASURED[1:], key=lambda s: row[s]["seconds"])
+        assert row["best_peer"] == best
+        assert row["llmc"]["vs_best_peer"] == pytest.approx(row[best]["seconds"] / row["llmc"]["seconds"])
         assert row["llmc_speedup_vs_eager"] == pytest.approx(row["eager"]["seconds"] / row["llmc"]["seconds"])
-        assert row["llmc_speedup_vs_torch.compile"] > 0
+        assert row["llmc_speedup_vs_llama.cpp"] is None
     decode = report["decode"][0]
-    for system in SYSTEMS:
+    for system in MEASURED:
         assert decode[system]["tokens_per_s"] == pytest.approx(1 / decode[system]["seconds"])
         assert report["memory"][system]["peak_bytes"] > 0
 
 
-def test_lengths_beyond_the_model_are_capped_and_skipped(tmp_path):
+def test_lengths_beyond_the_model_are_capped_and_skipped():
     # Only the skip decisions: every point past the embedded model's 512 tokens is skipped, never run.
     from llmc.compiler.bench import BenchSettings, _Points
     from llmc.models.loader import read_config
@@ -64,20 +75,30 @@ def test_lengths_beyond_the_model_are_capped_and_skipped(tmp_path):
     assert "budget" in points.prefill_skip("eager", 511, 4, "cpu")
 
 
-def test_results_and_readme_written(report, tmp_path):
-    written = write_results(report, tmp_path / "results" / report["device_slug"])
-    names = {p.name for p in written}
-    assert {"llmc-tiny.json", "llmc-tiny.md"} <= names
-    assert json.loads((tmp_path / "results" / report["device_slug"] / "llmc-tiny.json").read_text()) == report
-    table = (tmp_path / "results" / report["device_slug"] / "llmc-tiny.md").read_text()
-    assert "time to first token | 1 | prompt 64" in table and "decode step | 1 | context 64" in table
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n\n{START}\nSTALE-SECTION\n{END}\n\n## After\n")
-    report_main(["--results", str(tmp_path / "results"), "--readme", str(readme)])
-    text = readme.read_text()
-    assert "STALE-SECTION" not in text and "## After" in text and report["device"] in text and "prompt 64" in text
+@pytest.mark.slow
+def test_results_written(report, tmp_path):
+    written = write_results(report, tmp_path / report["device_slug"])
+    assert {"llmc-tiny.json", "llmc-tiny.md"} <= {p.name for p in written}
+    assert json.loads((tmp_path / report["device_slug"] / "llmc-tiny.json").read_text()) == report
+    table = (tmp_path / report["device_slug"] / "llmc-tiny.md").read_text()
+    assert table.startswith("NOT FOR PUBLISHING: quick mode")
+    assert "time to first token | 1 | prompt 64" in table and "decode | 1 | context 64" in table
+    assert " | ".join(["llmc", "HF eager", "torch.compile", "onnxruntime", "llama.cpp"]) in table
 
 
 def test_cli_bench_help():
     out = subprocess.run([sys.executable, "-m", "llmc.cli", "bench", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--quick" in out.stdout and "--lengths" in out.stdout
+    assert out.returncode == 0
+    for option in ("--quick", "--lengths", "--threads", "--repeat", "--peers", "--force"):
+        assert option in out.stdout
+
+
+def test_cli_refuses_a_busy_machine_and_a_bad_peer_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("os.getloadavg", lambda: (0.9, 0.9, 0.9))
+    assert cli_main(["bench", "llmc-tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("llmc: error: 1-minute load is 0.90: wait for a quiet machine (< 0.5) or pass --force (the results "
+                   "are then marked not for publishing)\n")
+    assert cli_main(["bench", "llmc-tiny", "--peers", "vllm"]) == 1
+    assert capsys.readouterr().err == f"llmc: error: unknown peer 'vllm'; choose from {', '.join(PEERS)}\n"
+
