@@ -205,8 +205,9 @@ def _new_report(m: BenchModel, device: str, target: str, dtype: str, settings: B
         "model": m.name, "device": probe.device_name(device), "target": target, "dtype": dtype,
         "weights": m.weights, "quick": quick, "date": time.strftime("%Y-%m-%d"), "settings": asdict(settings),
         "threads": threads, "load_at_start": load,
-        # Read by OpenMP when it starts (before this code runs): recorded, since it decides how idle threads wait.
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        # How idle OpenMP threads wait, read by each OpenMP runtime as it loads (torch's and llama.cpp's alike, so the
+        # same for every system): recorded, since on a shared machine it moves every figure.
+        "openmp": {k: os.environ.get(k, "unset") for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "versions": {"llmc": llmc.__version__, "torch": torch.__version__, **_hf_version()},
         "config": cfg.to_dict(),
         "probes": {"copy_bytes_per_s": probe.copy_bandwidth(device),

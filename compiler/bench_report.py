@@ -53,7 +53,7 @@ def compare(row: dict) -> None:
 def unpublishable(report: dict) -> str | None:
     """Why a report must not be published (bench/report.py leaves it out of the README), or None."""
     if report.get("quick"):
-        return "quick mode (a few tokens, one round)"
+        return "quick mode (one short prompt, a few new tokens)"
     if "load_at_start" not in report:  # the older method recorded no load; its summary says which method it used
         return None
     if report["load_at_start"] >= BUSY_LOAD:
@@ -123,7 +123,8 @@ def _method(report: dict) -> str:
     if "load_at_start" not in report:
         return (f"Older method: systems run one after another, median of {s['repeat']} after {s['warmup']} warm-up; "
                 "no load check.")
-    return (f"{report['threads']} threads each, OMP_WAIT_POLICY {report['omp_wait_policy']}; systems alternated at "
+    openmp = ", ".join(f"{k} {v}" for k, v in report["openmp"].items())
+    return (f"{report['threads']} threads each ({openmp}); systems alternated at "
             f"each point on shared prompts; median [min-max] of {s['repeat']} round{'s' * (s['repeat'] != 1)} after "
             f"{s['warmup']} warm-up; "
             f"1-minute load {report['load_at_start']:.2f} at the start.")

@@ -43,7 +43,8 @@ def recorded() -> dict:
         "quick": False, "date": "2026-12-04",
         "settings": {"lengths": [64], "batches": [1, 8], "decode_context": 64, "new_tokens": 32, "warmup": 1,
                      "repeat": 5, "point_budget_s": 120.0},
-        "threads": 2, "load_at_start": 0.12, "omp_wait_policy": "PASSIVE",
+        "threads": 2, "load_at_start": 0.12,
+        "openmp": {"OMP_WAIT_POLICY": "unset", "GOMP_SPINCOUNT": "10000"},
         "versions": {"llmc": "0.1.0", "torch": "2.13.0+cpu", "transformers": "5.25.0"},
         "probes": {"copy_bytes_per_s": 27e9, "matmul_flops_per_s": 4e11, "matmul_dtype": "float32"},
         "compile_s": 20.0, "compile_memory": mem, "cold_start_s": 0.2, "first_call_s": {"prefill 64": 3.0},
@@ -102,7 +103,8 @@ def test_what_may_be_published():
 def test_table_and_summary_say_the_method_ratios_ranges_and_floors():
     text = markdown(recorded())
     assert "NOT FOR PUBLISHING" not in text
-    assert "2 threads each, OMP_WAIT_POLICY PASSIVE; systems alternated" in text and "median [min-max] of 5" in text
+    assert "2 threads each (OMP_WAIT_POLICY unset, GOMP_SPINCOUNT 10000); systems alternated" in text
+    assert "median [min-max] of 5 rounds" in text
     assert "| 0.36x (llama.cpp) |" in text and "| 0.48x (llama.cpp) |" in text and "| 0.80x (HF eager) |" in text
     assert "47.6 tok/s [40.0-50.0], 9.5% of floor" in text  # llmc decode: median 21 ms, range 20-25 ms
     assert "100.0 tok/s [83.3-100.0], 5.0% of floor" in text  # llama.cpp against its own floor
@@ -121,7 +123,7 @@ def test_a_report_from_before_the_peers_still_renders():
         for system in ("llmc", "eager", "torch.compile"):
             for key in ("min_s", "max_s", "samples_s", "tokens_per_s_min", "tokens_per_s_max", "vs_best_peer"):
                 row[system].pop(key, None)
-    for key in ("load_at_start", "threads", "omp_wait_policy", "not_run", "llama_cpp", "compile_memory"):
+    for key in ("load_at_start", "threads", "openmp", "not_run", "llama_cpp", "compile_memory"):
         report.pop(key)
     report["memory"].pop("llama.cpp")
     text = markdown(report)
