@@ -8,6 +8,10 @@
 The public functions are imported on first use, so that `llmc.targets` stays a leaf module the compiler and
 the runtime can both import, and an inference host that only loads bundles never imports the compiler.
 """
+from llmc.openmp import set_wait_policy
+
+set_wait_policy()  # before anything imports torch (llmc/openmp.py says why)
+
 __version__ = "0.1.0"
 __all__ = ["compile", "load", "last_report"]
 
