@@ -130,8 +130,14 @@ def isa_at_least(have: str, need: str) -> bool:
     return CPU_ISAS.index(have) >= CPU_ISAS.index(need)
 
 
+# CPUs with native bf16 arithmetic: there bf16 bundles decode and prefill faster than fp32 ones (oneDNN's bf16
+# GEMMs with prepacked weights, half the bytes per step; bench/results/<device>/smollm2.md), so bf16 is the default.
+NATIVE_BF16_ISAS = ("avx512_bf16", "amx")
+
+
 def _cpu(name: str, isa: str) -> Target:
-    return Target(name, "cpu", None, None, None, ("float32", "bfloat16", "float16"), "float32", isa)
+    default = "bfloat16" if isa in NATIVE_BF16_ISAS else "float32"
+    return Target(name, "cpu", None, None, None, ("float32", "bfloat16", "float16"), default, isa)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [

@@ -1,7 +1,7 @@
 """Lowers a cpu bundle's ops to their CPU kernels: each call becomes its `_cpu` twin with the same arguments
 (the same schema and meaning): `llmc.paged_attention` -> `paged_attention_cpu` (codegen/cpu/attention.py: batched
 decode and chunked prefill without the reference's dense mask, concatenation and CPU SDPA); `norm_linear`,
-`add_norm_linear` -> their `_cpu` ops (codegen/cpu/linear.py: bf16 on oneDNN with prepacked weights), and so
+`add_norm_linear` in bf16 -> their `_cpu` ops (codegen/cpu/linear.py: oneDNN with prepacked weights), and so
 does a bf16 `aten.linear` of a stored weight (the projections no norm precedes), as norm_linear with no norm;
 `quant_linear` of a scheme ATen has a packed CPU kernel for (int4_w4a16 with group 32..256, int8_w8a16, in fp32 or
 bf16) -> `quant_linear_cpu`.
@@ -51,10 +51,13 @@ def _lowering(node) -> tuple | None:
         return llmc.norm_linear_cpu.default, (x, weight, bias, 0.0, "none", "none"), {}
     if node.target not in LOWERINGS:
         return None
+    x = val(node.args[0])
     if node.target is llmc.quant_linear.default:
-        x, scheme, group_size = val(node.args[0]), node.args[9], node.args[10]
+        scheme, group_size = node.args[9], node.args[10]
         if x is None or not linear.has_kernel(scheme, group_size, x.dtype):
             return None
+    elif node.target in linear.LOWERINGS and (x is None or x.dtype != torch.bfloat16):
+        return None  # float32 / float16: the CPU op would run the reference's F.linear, so the graph keeps it
     return LOWERINGS[node.target], node.args, node.kwargs
 
 

@@ -10,7 +10,8 @@ from llmc.runtime.bundle import Bundle
 from llmc.runtime.kv_cache import format_bytes
 
 # Which arguments of a call hold its weight tensors, and the storage they are in.
-QUANT_ARGS = {"llmc.quant_linear.default": (1, 2, 3, 4), "llmc.sparse_linear.default": (1, 2)}
+QUANT_ARGS = {"llmc.quant_linear.default": (1, 2, 3, 4), "llmc.quant_linear_cpu.default": (1, 2, 3, 4),
+              "llmc.sparse_linear.default": (1, 2)}
 
 
 def describe(b: Bundle) -> list[str]:
@@ -62,7 +63,7 @@ def weight_bytes_by_scheme(graph: dict, aliases: dict) -> dict[str, list]:
             if positions is None:
                 continue
             args = node.get("args", [])
-            scheme = args[9] if node["target"] == "llmc.quant_linear.default" else "2:4 sparse"
+            scheme = args[9] if node["target"].startswith("llmc.quant_linear") else "2:4 sparse"
             for i in positions:
                 if isinstance(args[i], dict) and "node" in args[i]:
                     scheme_of[args[i]["node"]] = scheme

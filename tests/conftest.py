@@ -206,7 +206,7 @@ def chat_bundle(tmp_path_factory):
     model = embedded_model_with_template(root / "llmc-tiny-chat", CHATML_TEMPLATE)
     from llmc.compiler.api import compile
 
-    return compile(model, "cpu", root / "chat.llmc")
+    return compile(model, "cpu", root / "chat.llmc", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -214,7 +214,7 @@ def no_template_bundle(tmp_path_factory):
     """The embedded model compiled as it ships: a tokenizer, but no chat template."""
     from llmc.compiler.api import compile
 
-    return compile("llmc-tiny", "cpu", tmp_path_factory.mktemp("plain") / "plain.llmc")
+    return compile("llmc-tiny", "cpu", tmp_path_factory.mktemp("plain") / "plain.llmc", dtype="float32")
 
 
 # ---- Attention test helpers (tests/codegen: the references and the Triton kernels) ---------------------------------

@@ -13,7 +13,7 @@ CASES = [("qwen3", True), ("qwen3", False), ("llama", True), ("llama", False)]
 def test_greedy_tokens_match_transformers(tiny_hf_checkpoint, hf_greedy, tmp_path, family, tied):
     ckpt = tiny_hf_checkpoint(family, tied=tied, hidden_size=60, intermediate_size=72, num_key_value_heads=3,
                               head_dim=10, num_hidden_layers=3)
-    bundle = llmc.compile(ckpt.path, target="cpu", out=tmp_path / "b.llmc")
+    bundle = llmc.compile(ckpt.path, target="cpu", dtype="float32", out=tmp_path / "b.llmc")
     report = llmc.last_report()
     layers = 3
     expected = {"fuse_rms_norm": (4 if family == "qwen3" else 2) * layers + 1, "fold_rope": 2 * layers + 1,
@@ -46,11 +46,11 @@ def test_check_passes_names_the_broken_pass(tiny_hf_checkpoint, tmp_path, monkey
 
     monkeypatch.setattr(pipeline, "PASSES", [*pipeline.PASSES, ("fusion", "break_eps", break_eps)])
     ckpt = tiny_hf_checkpoint("qwen3")
-    llmc.compile(ckpt.path, target="cpu", out=tmp_path / "ok.llmc", check_passes=True, passes="-break_eps")
+    llmc.compile(ckpt.path, target="cpu", dtype="float32", out=tmp_path / "ok.llmc", check_passes=True, passes="-break_eps")
     records = [r for p in llmc.last_report().pipelines for r in p.records]
     assert records and all(r.max_abs_diff is not None and r.max_abs_diff < 1e-4 for r in records)
     with pytest.raises(PassCheckError, match="break_eps"):
-        llmc.compile(ckpt.path, target="cpu", out=tmp_path / "bad.llmc", check_passes=True)
+        llmc.compile(ckpt.path, target="cpu", dtype="float32", out=tmp_path / "bad.llmc", check_passes=True)
     assert not (tmp_path / "bad.llmc").exists()
 
 
@@ -64,7 +64,7 @@ def test_a_prompt_over_several_kv_blocks_gives_transformers_tokens(tiny_hf_check
     from transformers import Qwen3ForCausalLM
 
     ckpt = tiny_hf_checkpoint("qwen3")
-    bundle = llmc.compile(ckpt.path, target="cpu", out=tmp_path / "b.llmc", sliding_window=window)
+    bundle = llmc.compile(ckpt.path, target="cpu", dtype="float32", out=tmp_path / "b.llmc", sliding_window=window)
     for graph in llmc.last_report().pipelines:
         assert {r.name: r.rewrites for r in graph.records}["block_attention"] == 2, graph.format()
     assert json.loads((bundle / "manifest.json").read_text())["sliding_window"] == window

@@ -54,7 +54,7 @@ def checkpoint(tmp_path_factory):
 def compiled(checkpoint, tmp_path_factory):
     """(the compile's CompletedProcess, the bundle path)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny.llmc"
-    result = llmc_cli("compile", checkpoint.path, "--target", "cpu", "-o", out, "--explain",
+    result = llmc_cli("compile", checkpoint.path, "--target", "cpu", "--dtype", "float32", "-o", out, "--explain",
                       "--max-seq-len", MAX_SEQ_LEN)
     assert result.returncode == 0, result.stdout + result.stderr
     return result, out

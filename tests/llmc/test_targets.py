@@ -32,8 +32,9 @@ def test_registry_holds_exactly_the_named_targets_in_order():
 
 
 def test_default_dtypes():
-    for name in CPU_TARGETS:
-        assert get_target(name).default_dtype == "float32"
+    for name in CPU_TARGETS:  # bf16 where the ISA has bf16 arithmetic
+        isa = get_target(name).isa
+        assert get_target(name).default_dtype == ("bfloat16" if isa in ("avx512_bf16", "amx") else "float32"), name
     assert get_target("t4").default_dtype == "float16"
     for name in EXPECTED.keys() - {*CPU_TARGETS, "t4"}:
         assert get_target(name).default_dtype == "bfloat16", name
@@ -68,7 +69,8 @@ def test_resolve_dtype_default_and_aliases():
     assert resolve_dtype(h100, None) == "bfloat16"
     assert resolve_dtype(h100, "fp16") == "float16"
     assert resolve_dtype(h100, "float8_e4m3fn") == "float8_e4m3fn"
-    assert resolve_dtype(get_target("cpu"), None) == "float32"
+    assert resolve_dtype(get_target("cpu-avx512"), None) == "float32"
+    assert resolve_dtype(get_target("cpu-amx"), None) == "bfloat16"
     with pytest.raises(ValueError, match="unknown dtype 'int3'"):
         resolve_dtype(h100, "int3")
 

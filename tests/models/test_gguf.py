@@ -136,7 +136,7 @@ def test_greedy_tokens_equal_transformers_on_the_same_gguf(tmp_path, hf_greedy, 
     model = tiny_hf(family, tied=family == "qwen3")
     file = tmp_path / f"{family}-{qtype}.gguf"
     write_gguf(file, model, family, Q[qtype])
-    bundle = llmc.compile(file, target="cpu", out=tmp_path / "b.llmc")
+    bundle = llmc.compile(file, target="cpu", dtype="float32", out=tmp_path / "b.llmc")
     notes = llmc.last_report().notes
     if qtype not in ("F32", "F16", "BF16"):
         assert any(f"{qtype} tensors dequantized to float32" in n for n in notes), notes
@@ -153,7 +153,7 @@ def test_k_quants_give_transformers_tokens(tmp_path, hf_greedy):
     for qtype in (Q.Q4_K, Q.Q6_K):
         file = tmp_path / f"{qtype.name}.gguf"
         write_gguf(file, model, "llama", qtype)
-        engine = llmc.load(llmc.compile(file, target="cpu", out=tmp_path / f"{qtype.name}.llmc"))
+        engine = llmc.load(llmc.compile(file, target="cpu", dtype="float32", out=tmp_path / f"{qtype.name}.llmc"))
         ref = reference(tmp_path, file.name)
         prompts = [torch.randint(1, 4096, (n,)).tolist() for n in (4, 17)]
         assert engine.generate(prompts, max_new_tokens=16) == [hf_greedy(ref, p, 16) for p in prompts]

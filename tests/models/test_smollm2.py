@@ -36,7 +36,7 @@ def gguf_file():
 
 @pytest.fixture(scope="module")
 def engine(gguf_file, tmp_path_factory):
-    return llmc.load(llmc.compile(NAME, target="cpu", out=tmp_path_factory.mktemp("smol") / "smol.llmc"))
+    return llmc.load(llmc.compile(NAME, target="cpu", dtype="float32", out=tmp_path_factory.mktemp("smol") / "smol.llmc"))
 
 
 @pytest.fixture(scope="module")

@@ -91,13 +91,20 @@ FUSIONS = (fuse_rms_norm, fold_rope, merge_projections, fuse_add_norm, fuse_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("quant", [None, Int4WeightOnlyConfig(group_size=32), Int8WeightOnlyConfig()],
-                         ids=["float", "int4-g32", "int8-w8a16"])
+# The fusion models' GEMMs have K = 48 and 80: int4 groups of 16 fit, and ATen's packed int4 kernel takes 32..256
+# only, so those stay the reference (llmc-tiny's int4 bundles, tests/runtime/test_evaluate.py, take the kernel).
+@pytest.mark.parametrize("quant", [None, Int4WeightOnlyConfig(group_size=16), Int8WeightOnlyConfig()],
+                         ids=["float", "int4-g16-no-kernel", "int8-w8a16"])
 def test_every_gemm_with_a_cpu_kernel_is_lowered(fusion, dtype, quant):
     for name, gm, inputs in fusion.graphs("llmc", "qwen3", dtype):
         run(gm, *FUSIONS, *([quantize] if quant else []), target=get_target("cpu"), quant=quant)
         before = fusion.census(gm)
         gemms = {t: before.get(t, 0) for t in TWINS}
+        # float32 norm GEMMs keep the reference (it is F.linear); quant_linear goes where ATen has its kernel
+        kernel = quant is None or type(quant) is Int8WeightOnlyConfig
+        lowered = {t: c if (t is llmc.quant_linear.default and kernel) or (t is not llmc.quant_linear.default
+                                                                          and dtype == torch.bfloat16) else 0
+                   for t, c in gemms.items()}
         assert sum(gemms.values()) >= 2 * fusion.LAYERS  # the norm-fused ones: qkv and gate-up per layer
         if quant is not None:
             assert gemms[llmc.quant_linear.default] >= 2 * fusion.LAYERS
@@ -105,10 +112,12 @@ def test_every_gemm_with_a_cpu_kernel_is_lowered(fusion, dtype, quant):
         calls = {t: [literals(n) for n in gm.graph.nodes if n.target == t] for t in TWINS}
         expected = fusion.outputs(gm, cloned(inputs))
 
-        assert run(gm, lower_cpu, target=get_target("cpu")) == [fusion.LAYERS + sum(gemms.values()) + plain]
+        assert run(gm, lower_cpu, target=get_target("cpu")) == [fusion.LAYERS + sum(lowered.values()) + plain]
         after = fusion.census(gm)
         for reference, twin in TWINS.items():
-            assert after.get(reference, 0) == 0
+            assert after.get(reference, 0) == gemms[reference] - lowered[reference]
+            if not lowered[reference]:
+                continue
             twins = [literals(n) for n in gm.graph.nodes if n.target == twin]
             if reference is llmc.norm_linear.default:  # with the plain bf16 linears, in graph order
                 assert len(twins) == len(calls[reference]) + plain

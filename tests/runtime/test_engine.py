@@ -250,7 +250,7 @@ def test_graphs_that_write_the_cache_give_the_tokens_of_the_engines_write(tiny_b
     """The default bundle's graphs write the KV cache (fuse_kv_write); compiled without that pass, the engine writes
     new_k / new_v itself. Same greedy tokens, through prefix sharing, forks and copy-on-write."""
     ckpt, bundle = tiny_bundle
-    unfused = llmc.compile(ckpt.path, target="cpu", out=tmp_path / "unfused.llmc", passes="-fuse_kv_write")
+    unfused = llmc.compile(ckpt.path, target="cpu", dtype="float32", out=tmp_path / "unfused.llmc", passes="-fuse_kv_write")
     engines = {"graph": llmc.load(bundle, max_batch=8), "engine": llmc.load(unfused, max_batch=8)}
     assert engines["graph"].graphs_writing_kv == {"prefill", "decode"}
     assert engines["engine"].graphs_writing_kv == frozenset()
