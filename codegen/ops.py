@@ -305,3 +305,4 @@ from llmc.codegen import sparse_linear  # noqa: E402,F401  (llmc::sparse_linear,
 # llmc::sparse_paged_attention (issue 7) lives in its own module and registers with this one.
 from llmc.codegen import sparse_attention  # noqa: E402,F401
 from llmc.codegen.cpu import attention as cpu_attention  # noqa: E402,F401  (llmc::paged_attention_cpu, issue 14)
+from llmc.codegen.cpu import rope as cpu_rope  # noqa: E402,F401  (llmc::rope_cpu, rope_write_kv_cpu)

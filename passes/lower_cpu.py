@@ -4,7 +4,8 @@ decode and chunked prefill without the reference's dense mask, concatenation and
 `add_norm_linear` in bf16 -> their `_cpu` ops (codegen/cpu/linear.py: oneDNN with prepacked weights), and so
 does a bf16 `aten.linear` of a stored weight (the projections no norm precedes), as norm_linear with no norm;
 `quant_linear` of a scheme ATen has a packed CPU kernel for (int4_w4a16 with group 32..256, int8_w8a16, in fp32 or
-bf16) -> `quant_linear_cpu`.
+bf16) -> `quant_linear_cpu`; `rope`, `rope_write_kv` -> their `_cpu` ops (codegen/cpu/rope.py: the step's cos / sin
+rows and cache coordinates computed once, not once per layer; bit-identical results).
 
 Matches: every call of those ops, whatever feeds it.
 Assumes: the compile's target is a CPU (`not ctx.target.is_gpu`); on a GPU target, or with no target (the
@@ -23,13 +24,13 @@ from torch.fx import GraphModule
 
 import llmc.codegen.ops  # noqa: F401  (registers torch.ops.llmc, llmc.paged_attention_cpu among them)
 
-from llmc.codegen.cpu import linear
+from llmc.codegen.cpu import linear, rope
 
 from .graph_weights import finish_node, is_weight, val
 from .pattern import PassContext
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
-LOWERINGS = {llmc.paged_attention.default: llmc.paged_attention_cpu.default, **linear.LOWERINGS}
+LOWERINGS = {llmc.paged_attention.default: llmc.paged_attention_cpu.default, **linear.LOWERINGS, **rope.LOWERINGS}
 
 
 def _plain_bf16_linear(node) -> bool:

@@ -15,6 +15,7 @@ from llmc.targets import get_target
 llmc = torch.ops.llmc
 aten = torch.ops.aten
 PAGED, PAGED_CPU = llmc.paged_attention.default, llmc.paged_attention_cpu.default
+ROPES = {llmc.rope.default: llmc.rope_cpu.default, llmc.rope_write_kv.default: llmc.rope_write_kv_cpu.default}
 TWINS = {llmc.norm_linear.default: llmc.norm_linear_cpu.default,
          llmc.add_norm_linear.default: llmc.add_norm_linear_cpu.default,
          llmc.quant_linear.default: llmc.quant_linear_cpu.default}
@@ -45,21 +46,24 @@ def test_every_paged_attention_is_lowered_on_cpu(fusion, family, dtype, write):
         run(gm, fold_rope, block_attention, *([fuse_kv_write] if write else []))
         before = fusion.census(gm)
         assert (before[PAGED], before.get(PAGED_CPU, 0)) == (layers, 0)
-        calls = [(n.args, n.kwargs) for n in gm.graph.nodes if n.target == PAGED]
+        calls = [literals(n) for n in gm.graph.nodes if n.target == PAGED]
         expected = fusion.outputs(gm, cloned(inputs))
 
-        # Unfused here: bf16 projections are plain aten.linear of stored weights, lowered too.
+        # Unfused here: bf16 projections are plain aten.linear of stored weights, lowered too; so are the ropes.
         linears = before[aten.linear.default] if dtype == torch.bfloat16 else 0
-        assert run(gm, lower_cpu, target=get_target("cpu")) == [layers + linears]
+        ropes = sum(before.get(t, 0) for t in ROPES)
+        assert ropes >= layers
+        assert run(gm, lower_cpu, target=get_target("cpu")) == [layers + linears + ropes]
         after = fusion.census(gm)
         assert (after.get(PAGED, 0), after[PAGED_CPU]) == (0, layers)
         assert after.get(llmc.norm_linear_cpu.default, 0) == linears
         assert after.get(aten.linear.default, 0) == before[aten.linear.default] - linears
-        lowered_targets = (PAGED_CPU, llmc.norm_linear_cpu.default, aten.linear.default)
+        assert all(after.get(t, 0) == 0 and after.get(cpu, 0) == before.get(t, 0) for t, cpu in ROPES.items())
+        lowered_targets = (PAGED_CPU, llmc.norm_linear_cpu.default, aten.linear.default, *ROPES.values())
         assert ({t: c for t, c in after.items() if t not in lowered_targets}
-                == {t: c for t, c in before.items() if t not in (PAGED, aten.linear.default)})
+                == {t: c for t, c in before.items() if t not in (PAGED, aten.linear.default, *ROPES)})
         lowered = [n for n in gm.graph.nodes if n.target == PAGED_CPU]
-        assert [(n.args, n.kwargs) for n in lowered] == calls  # the same arguments, in the same order
+        assert [literals(n) for n in lowered] == calls  # the same options, in the same order
         assert all(n.meta["val"].shape == n.args[0].meta["val"].shape for n in lowered)
         # fp32 within 1e-4 (summation order); bf16 logits by the whole-model cosine (conftest says why).
         fusion.assert_model_outputs_close(fusion.outputs(gm, cloned(inputs)), expected, dtype)
@@ -112,7 +116,8 @@ def test_every_gemm_with_a_cpu_kernel_is_lowered(fusion, dtype, quant):
         calls = {t: [literals(n) for n in gm.graph.nodes if n.target == t] for t in TWINS}
         expected = fusion.outputs(gm, cloned(inputs))
 
-        assert run(gm, lower_cpu, target=get_target("cpu")) == [fusion.LAYERS + sum(lowered.values()) + plain]
+        ropes = sum(before.get(t, 0) for t in ROPES)
+        assert run(gm, lower_cpu, target=get_target("cpu")) == [fusion.LAYERS + sum(lowered.values()) + plain + ropes]
         after = fusion.census(gm)
         for reference, twin in TWINS.items():
             assert after.get(reference, 0) == gemms[reference] - lowered[reference]
