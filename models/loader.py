@@ -72,12 +72,53 @@ def _open(file: Path):
 
 
 def iter_tensors(path: Path, wanted: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every wanted tensor, read one at a time from the memory-mapped files."""
+    """(name, tensor) for every wanted tensor, each read into memory of its own, one at a time.
+
+    Not from safetensors' memory map: it maps each file once and every tensor it returns keeps that one map, so
+    the pages of every tensor read stay resident until the last of them is freed. A compile that replaces a
+    weight would not get its memory back, and a 16-bit checkpoint cast to float32 held the whole file besides.
+    """
     for file in weight_files(path):
-        with _open(file) as f:
-            for name in f.keys():
-                if wanted(name):
-                    yield name, f.get_tensor(name)
+        with _open(file) as f:  # validates the header; the data is read below
+            names = [name for name in f.keys() if wanted(name)]
+        start, header = _header(file)
+        with open(file, "rb", buffering=0) as raw:
+            for name in names:
+                yield name, _read_tensor(raw, start, header[name], file, name)
+
+
+# safetensors' dtype names (its format spec) -> torch dtypes
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """(offset of the data, header): a safetensors file is an 8-byte little-endian header size, the JSON header
+    ({name: {dtype, shape, data_offsets [begin, end) relative to the data}}), then the data."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def _read_tensor(raw, start: int, entry: dict, file: Path, name: str) -> torch.Tensor:
+    dtype = _DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(f"{file}: tensor {name} has dtype {entry['dtype']}, which llmc does not load")
+    begin, end = entry["data_offsets"]
+    tensor = torch.empty(entry["shape"], dtype=dtype)
+    if end - begin != tensor.numel() * tensor.element_size():
+        raise CheckpointError(f"{file}: tensor {name} holds {end - begin} bytes for shape {entry['shape']}; "
+                              "re-download or re-export the checkpoint")
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    raw.seek(start + begin)
+    done = 0
+    while done < len(view):  # one read returns at most about 2 GiB on Linux
+        n = raw.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{file} ends inside tensor {name}; re-download or re-export the checkpoint")
+        done += n
+    return tensor
 
 
 def our_name(hf_name: str) -> str:
