@@ -6,6 +6,7 @@ happens instead of surfacing as bad tokens at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from torch.utils import _pytree as pytree
 
 from llmc.passes import (block_attention, fold_constants, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear,
                          fuse_rms_norm, lower_cpu, merge_projections, quantize, sparsify, strip_asserts)
+from llmc.passes.graph_weights import releasing_weights
 from llmc.passes.pattern import PassContext  # noqa: F401  (re-exported: callers build it from here)
 
 # (phase, name, run(gm, ctx) -> rewrites), in the order they run.
@@ -109,11 +111,14 @@ def _check_known(names) -> None:
 
 
 def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[str], check_inputs: tuple | None = None,
-                 graph_name: str = "prefill") -> PipelineReport:
+                 graph_name: str = "prefill", free_weights: bool = False) -> PipelineReport:
     """Runs `passes` in the given order on gm, in place; after each: dead-code elimination, lint, recompile.
 
     With check_inputs (the graph's user inputs), every pass's outputs are compared with the unpassed graph's;
-    the first divergence raises PassCheckError naming the pass.
+    the first divergence raises PassCheckError naming the pass. free_weights: a weight is freed as soon as no
+    node reads it (graph_weights.releasing_weights), for a caller whose gm holds the only reference to its
+    weights (compile); a pass rewriting every layer then holds one layer's old weights beside the new ones, not
+    the whole model's.
     """
     _check_known(passes)
     table = {name: (phase, fn) for phase, name, fn in PASSES}
@@ -124,8 +129,9 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[str], 
         phase, fn = table[name]
         nodes_before, first_note = len(gm.graph.nodes), len(ctx.notes)
         start = time.perf_counter()
-        rewrites = fn(gm, ctx)
-        gm.graph.eliminate_dead_code()
+        with releasing_weights(gm) if free_weights else contextlib.nullcontext():
+            rewrites = fn(gm, ctx)
+            gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
         seconds = time.perf_counter() - start

@@ -7,7 +7,10 @@ prefill and decode graphs, rewritten separately, give the same tensor the same n
 """
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.fx import GraphModule, Node
@@ -18,6 +21,7 @@ import llmc.codegen.ops  # noqa: F401  (registers torch.ops.llmc)
 from .pattern import _check_same_type, _fake_mode, _fill_meta
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; other C libraries lack it
 
 
 def is_weight(node) -> bool:
@@ -111,6 +115,65 @@ def drop_unread(gm: GraphModule, names) -> None:
     for name in set(names) - read_now:
         if hasattr(gm, name):
             delattr(gm, name)
+
+
+@contextmanager
+def releasing_weights(gm: GraphModule) -> Iterator[None]:
+    """Within the block, a weight is freed the moment the last node reading it is erased.
+
+    The rewrite passes drop the weights they replaced at their end (drop_unread), so a pass that rewrites every
+    layer held the old and the new weights of the whole model at once: twice the model for merge_projections.
+    Freed here means the attribute becomes a meta tensor of the same shape and dtype (what the erased nodes'
+    metadata still describes) until the block ends and drops it. Only the graph's own reference goes: the caller
+    makes sure it is the last one (compile unbinds the decode graph's). A pass that read a freed weight again
+    would compute from nothing: on leaving the block, a live node reading a weight without data raises.
+    """
+    freed: set[str] = set()
+
+    def on_erase(node: Node) -> None:
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr" or set(arg.users) != {node} or _read_elsewhere(gm, arg):
+                continue
+            owner_name, _, name = arg.target.rpartition(".")
+            owner = gm.get_submodule(owner_name)
+            tensor = getattr(owner, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                twin = torch.empty_like(tensor, device="meta")
+                setattr(owner, name, torch.nn.Parameter(twin, False) if name in owner._parameters else twin)
+                freed.add(arg.target)
+                del tensor
+                return_free_memory()
+
+    gm._register_erase_node_hook(on_erase)
+    try:
+        yield
+    finally:
+        gm._unregister_erase_node_hook(on_erase)
+    if not freed:
+        return
+    empty = [n.target for n in gm.graph.nodes
+             if n.op == "get_attr" and n.users and getattr(read(gm, n), "device", None) == torch.device("meta")]
+    if empty:
+        raise RuntimeError(f"weight {empty[0]} has no data: a pass read a weight after erasing its last reader "
+                           "(build a node's replacement before erasing the node)")
+    drop_unread(gm, freed)
+
+
+def return_free_memory() -> None:
+    """Hands the free pages of the C heap back to the OS.
+
+    glibc serves allocations under its mmap threshold (which grows to 32 MiB) from the heap and keeps them when
+    freed; a freed weight leaves a hole that a tensor of another size does not fit (q, k and v's three holes do
+    not hold the merged qkv), and the resident set grows by the holes. malloc_trim releases them.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _read_elsewhere(gm: GraphModule, node: Node) -> bool:
+    """Whether another get_attr node with users reads node's tensor (a rewrite may read a weight twice)."""
+    return any(other is not node and other.users
+               for other in gm.graph.find_nodes(op="get_attr", target=node.target))
 
 
 class Linear:
