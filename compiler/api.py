@@ -17,7 +17,7 @@ from llmc.compiler.calibration import read_calibration
 from llmc.compiler.export import export_backend
 from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
-from llmc.compiler.trace import cache_slots, example_inputs, trace
+from llmc.compiler.trace import Traced, cache_slots, example_inputs, share_weights, trace, unbind_weights
 from llmc.models import ModelConfig, Transformer
 from llmc.targets import get_target, resolve_dtype
 
@@ -277,6 +277,17 @@ def _structure(graph: dict) -> str:
     return text
 
 
+def _decode_with_weights(net: Transformer, source: ModelSource, dtype: torch.dtype, ctx, names: list[str],
+                         prefill: Traced) -> tuple[Traced, pipeline.PipelineReport]:
+    """The decode graph passed with its own weights, for when its passes derived tensors the prefill graph's did
+    not (a lowering specific to one row): the weights are streamed again, and the tensors both graphs name are
+    the prefill graph's."""
+    decode = trace(net, BLOCK_SIZE, source.weight_stream(dtype))[1]  # the fresh prefill graph is dropped here
+    report = pipeline.run_pipeline(decode.gm, ctx, names, graph_name=decode.name, free_weights=True)
+    share_weights(decode.gm, prefill.gm)
+    return decode, report
+
+
 def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: list[str], out: Path, check: bool,
            progress: bool, overwrite: bool, expect_graph: dict | None = None, options: Options | None = None) -> Path:
     t0 = time.perf_counter()
@@ -298,9 +309,18 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
                                sliding_window=options.sliding_window, attention_keep=options.attention_keep,
                                attention_block=options.attention_block, quant=options.quant,
                                sparsity=options.sparsity, calibration=calibration.inputs if calibration else None)
+    # One copy of the weights: the decode graph's passes run on meta weights and it then reads the prefill graph's
+    # tensors by name, so the prefill graph's references are the only ones and the passes free each weight they
+    # replace as they go. Not when checked (the check runs the graph) nor calibrated (the prefill graph's statistics
+    # and the scales derived from them are real tensors, which the passes combine with the weights).
+    shared = source.has_weights and not check and calibration is None
+    if shared:
+        unbind_weights(graphs[1].gm)
     for t in graphs:
         report.pipelines.append(pipeline.run_pipeline(t.gm, ctx, names, check_inputs=samples.get(t.name),
-                                                      graph_name=t.name))
+                                                      graph_name=t.name, free_weights=True))
+    if shared and share_weights(graphs[1].gm, graphs[0].gm):
+        graphs[1], report.pipelines[1] = _decode_with_weights(net, source, dtype, ctx, names, graphs[0])
     t3 = time.perf_counter()
     moved, extra = {}, {}
     scratch = tempfile.TemporaryDirectory(prefix=f".{out.name}.export-", dir=out.parent if out.parent.exists() else None)

@@ -164,6 +164,29 @@ def bind_weights(gm: torch.fx.GraphModule, model: Transformer, weights: Iterable
         raise ValueError(f"no weight supplied for {unbound[0]} ({len(unbound)} in all)")
 
 
+def unbind_weights(gm: torch.fx.GraphModule) -> None:
+    """Replaces the tensors gm's get_attr nodes read by meta tensors of the same shape and dtype."""
+    for target in {n.target for n in gm.graph.nodes if n.op == "get_attr"}:
+        tensor = getattr(gm, target)
+        if isinstance(tensor, torch.Tensor):
+            setattr(gm, target, torch.empty_like(tensor, device="meta"))
+
+
+def share_weights(gm: torch.fx.GraphModule, source: torch.fx.GraphModule) -> list[str]:
+    """Makes gm read source's tensor wherever the two name one (the passes' naming rule: one name, one value);
+    returns the names gm reads that source lacks, in graph order."""
+    missing = []
+    for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "get_attr"):
+        tensor, own = getattr(source, target, None), getattr(gm, target)
+        if not isinstance(tensor, torch.Tensor):
+            missing.append(target)
+        elif (tensor.shape, tensor.dtype) != (own.shape, own.dtype):
+            raise ValueError(f"graphs disagree on tensor {target}: a pass must give new tensors new names")
+        else:
+            setattr(gm, target, tensor)
+    return missing
+
+
 def export_step(model: Transformer, block_size: int) -> torch.fx.GraphModule:
     """The unlifted aten graph of one paged step of `model`, dynamic in batch, sequence and cache sizes."""
     step = PagedStep(model).eval()
