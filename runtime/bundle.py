@@ -87,6 +87,14 @@ class Bundle:
         return [self.path / name for name in sorted(self.manifest["files"])
                 if name.startswith(f"{WEIGHTS_DIR}/") and name.endswith(".safetensors")]
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight tensors (a tied one counted once), read from the shards' headers: what a
+        loaded engine holds for its weights."""
+        return sum(end - begin for shard in self.weight_files
+                   for name, entry in _safetensors_header(shard).items() if name != "__metadata__"
+                   for begin, end in [entry["data_offsets"]])
+
     def iter_weights(self, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) one at a time from the shards; a tied name comes right after the tensor it shares."""
         if not self.has_weights:
@@ -139,6 +147,12 @@ def sha256_file(path: Path) -> str:
         while n := f.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+def _safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (8 bytes of little-endian size, then the header)."""
+    with open(file, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))
 
 
 def _check_layout(path: Path) -> dict:

@@ -227,6 +227,15 @@ class PagedKVCache:
         return block_bytes(num_layers, 1, num_kv_heads, head_dim, self.k.dtype)
 
     @property
+    def pool_bytes(self) -> int:
+        """Bytes of the device pool, k and v together (the host tier apart: host_pool_bytes)."""
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def host_pool_bytes(self) -> int:
+        return self.host_k.nbytes + self.host_v.nbytes if self.host_pool is not None else 0
+
+    @property
     def capacity_tokens(self) -> int:
         """Tokens the device pool holds (all sequences together, before prefix sharing)."""
         return self.num_blocks * self.block_size
