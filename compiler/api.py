@@ -143,7 +143,9 @@ def compile(model: str | Path, target: str = "cpu", out: str | Path | None = Non
     attention_keep: in (0, 1), block-sparse attention keeping that fraction of key blocks (attention_block tokens).
     """
     tgt = get_target(target)
-    dtype_name = resolve_dtype(tgt, dtype)
+    # onnxruntime's CPU provider has few bf16 kernels: an ONNX bundle for a CPU stays float32 unless asked.
+    onnx_on_cpu = backend == "onnx" and tgt.arch == "cpu" and dtype is None
+    dtype_name = "float32" if onnx_on_cpu else resolve_dtype(tgt, dtype)
     source = resolve(model, weights)
     if max_seq_len is None:
         max_seq_len = min(source.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)

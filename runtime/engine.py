@@ -268,11 +268,15 @@ def slot_mapping(block_tables: list[list[int]], starts: list[int], lengths: list
     return torch.tensor(rows, dtype=torch.long)
 
 
+KV_WRITERS = ("llmc.rope_write_kv.default", "llmc.rope_write_kv_cpu.default")  # layer is args[9] of both
+
+
 def graph_writes_kv(graph: dict, num_layers: int) -> bool:
     """Whether a graph.json graph writes every layer's new keys and values into the cache itself: it calls
-    llmc::rope_write_kv (the fuse_kv_write pass) for each layer. A graph that writes only some layers (the pass
-    skipped an attention) leaves the writing to the engine, which then rewrites those layers with equal values."""
-    layers = {node["args"][9] for node in graph["nodes"] if node.get("target") == "llmc.rope_write_kv.default"}
+    llmc::rope_write_kv (the fuse_kv_write pass) or its CPU lowering llmc::rope_write_kv_cpu (same arguments) for
+    each layer. A graph that writes only some layers (the pass skipped an attention) leaves the writing to the
+    engine, which then rewrites those layers with equal values."""
+    layers = {node["args"][9] for node in graph["nodes"] if node.get("target") in KV_WRITERS}
     return layers == set(range(num_layers))
 
 

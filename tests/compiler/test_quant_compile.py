@@ -92,11 +92,12 @@ def checkpoints(module_hf_checkpoint):
 
 def compile_scheme(ckpt, scheme: str, out, **options):
     if scheme == "2:4":
-        return llmc.compile(ckpt.path, target="cpu", out=out, sparsity="2:4", **options)
+        return llmc.compile(ckpt.path, target="cpu", out=out, sparsity="2:4", dtype="float32", **options)
     needs_calibration = scheme in ("int4-awq", "int8")
     group = {"quant_group_size": GROUP} if scheme.startswith("int4") or scheme in ("w4a8", "mixed") else {}
     calibration = {"calibration": ckpt.path / "calibration.txt"} if needs_calibration else {}
-    return llmc.compile(ckpt.path, target="cpu", out=out, quant=scheme, **group, **calibration, **options)
+    return llmc.compile(ckpt.path, target="cpu", out=out, quant=scheme, dtype="float32", **group,
+                        **calibration, **options)
 
 
 def bundle_tensors(bundle) -> dict[str, torch.Tensor]:
@@ -303,7 +304,7 @@ def test_block_sparse_attention_matches_its_reference_and_keep_one_is_dense(chec
     reference.set_attn_implementation("llmc_block_sparse")
     prompt = torch.randint(0, VOCAB, (ATTENTION_PROMPT,)).tolist()
     sparse = llmc.load(llmc.compile(ckpt.path, target="cpu", out=tmp_path / "sparse.llmc", attention_keep=0.5,
-                                    attention_block=16))
+                                    attention_block=16, dtype="float32"))
     assert sparse.generate([prompt], max_new_tokens=16) == [hf_greedy(reference, prompt, 16)]
     lengths = list(range(40, ATTENTION_PROMPT + 1, 12))
     blocks = list(range(-(-ATTENTION_PROMPT // sparse.cache.block_size)))
@@ -315,5 +316,5 @@ def test_block_sparse_attention_matches_its_reference_and_keep_one_is_dense(chec
     cosine = F.cosine_similarity(got, dense, dim=-1)
     assert (got - dense).abs().max() > 0.1, f"keep 0.5 changed nothing; cosine to dense {cosine}"
     full = llmc.load(llmc.compile(ckpt.path, target="cpu", out=tmp_path / "full.llmc", attention_keep=1.0,
-                                  attention_block=16))
+                                  attention_block=16, dtype="float32"))
     assert full.generate([prompt], max_new_tokens=16) == [hf_greedy(ckpt.model, prompt, 16)]
