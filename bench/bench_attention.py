@@ -13,9 +13,9 @@ Run on a GPU: python bench/bench_attention.py [--mode prefill|decode|both] [--se
 """
 import argparse
 import json
-import re
 
 import harness
+from llmc.bench.probe import device_name, device_slug
 
 
 def parse_args() -> argparse.Namespace:
@@ -131,7 +131,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
-    device = torch.cuda.get_device_name()
+    device = device_name("cuda")
     rows = []
     if args.mode in ("prefill", "both"):
         rows += prefill_rows(torch, args, dtype)
@@ -143,7 +143,7 @@ def main():
         unit = "TFLOPs" if row["mode"] == "prefill" else "GBps"
         rates = "  ".join(f"{name} {row['ms'][name]:.3f} ms {row[unit][name]:.0f} {unit}" for name in row["ms"])
         print(f"{row['mode']:<8}{size:<24}{rates}")
-    out = harness.Path(args.out) if args.out else (harness.RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", device)
+    out = harness.Path(args.out) if args.out else (harness.RESULTS / device_slug(device)
                                                    / "attention.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"op": "attention", "device": device, "dtype": args.dtype, "torch": torch.__version__,

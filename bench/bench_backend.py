@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from pathlib import Path
+
+from llmc.bench.probe import device_name, device_slug
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("eager", "inductor", "llmc")
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_backend needs a CUDA GPU")
-    device = torch.cuda.get_device_name()
+    device = device_name("cuda")
     rows = [bench_model(name, args) for name in args.models]
     print(f"torch.compile backends, decode ms/token, {args.dtype}, batch {args.batch}, prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, on {device}")
@@ -124,7 +125,7 @@ def main(argv=None) -> None:
         same = ", ".join(s for s in SYSTEMS[1:] if row["tokens_equal_eager"][s]) or "none"
         print(f"{row['model']:<14}{ms['eager']:>9.3f}{ms['inductor']:>10.3f}{ms['llmc']:>9.3f}"
               f"{row['speedup_vs_eager']:>9.2f}{row['speedup_vs_inductor']:>12.2f}  {same}")
-    out = args.out or RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", device) / "backend.json"
+    out = args.out or RESULTS / device_slug(device) / "backend.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "dtype": args.dtype,
                                "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens,

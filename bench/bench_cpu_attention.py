@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import llmc.codegen.ops  # noqa: E402,F401  (registers torch.ops.llmc)
 from llmc.models.config import ModelConfig  # noqa: E402
 from llmc.models.registry import EMBEDDED_DIR, get_config  # noqa: E402
-from llmc.runtime.bench import device_name, device_slug  # noqa: E402
+from llmc.bench.probe import device_name, device_slug  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BLOCK_SIZE = 16

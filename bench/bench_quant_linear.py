@@ -14,9 +14,9 @@ GPU only; a device call lasts at most 10 minutes, so split a full sweep by --sch
 JSON goes to bench/results/<device>/quant_linear.json (or --out); a later run merges its rows into it.
 """
 import json
-import re
 
 import harness
+from llmc.bench.probe import device_name, device_slug
 
 SCHEMES = ("fp8_w8a16", "fp8_w8a8", "int8_w8a8", "int4_w4a16", "int4_w4a8")
 PROJECTIONS = {"qkv": (6144, 4096, 0), "o": (4096, 4096, 0), "gate_up": (12288, 4096, 1), "down": (4096, 12288, 0)}
@@ -68,7 +68,7 @@ def main():
         except ValueError as e:
             print(f"skipping {scheme}: {e}")
     torch._dynamo.config.recompile_limit = 1024  # one compiled baseline per scheme and weight shape
-    dtype, device = getattr(torch, args.dtype), torch.cuda.get_device_name()
+    dtype, device = getattr(torch, args.dtype), device_name("cuda")
     group = args.group_size
 
     def epilogue(y, swiglu):
@@ -126,7 +126,7 @@ def report(args, torch, triton, device, rows) -> None:
     for row in rows:
         print(f"{row['projection']:<9}{row['m']:>6}  {row['variant']:<26}{row['ms']:>9.4f}{row['TFLOPs']:>9.1f}"
               f"{row['GBps']:>8.0f}{row['speedup_vs_bf16']:>8.2f}")
-    out = args.out or harness.RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", device) / "quant_linear.json"
+    out = args.out or harness.RESULTS / device_slug(device) / "quant_linear.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     measured = {(row["projection"], row["m"], row["n"], row["k"], row["variant"]) for row in rows}
     if out.is_file():  # keep the rows of earlier runs (other schemes or shapes) that this one did not measure

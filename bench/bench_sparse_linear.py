@@ -5,11 +5,11 @@ Layers: qkv [6144, 4096], o [4096, 4096], gate_up [24576, 4096] + SwiGLU, down [
 Run on a GPU: python bench/bench_sparse_linear.py [--layers qkv down] [--m 1 16 4096] [--norm rms]"""
 import argparse
 import json
-import re
 from pathlib import Path
 
 import harness
 from bench_norm_linear import unfused_norm_linear
+from llmc.bench.probe import device_name, device_slug
 
 QWEN3_8B = {"qkv": (6144, 4096, "none"), "o": (4096, 4096, "none"), "gate_up": (24576, 4096, "swiglu"),
             "down": (4096, 12288, "none")}  # layer -> (N weight rows, K input features, epilogue)
@@ -40,7 +40,7 @@ def main():
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_linear needs a CUDA GPU")
-    device, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    device, capability = device_name("cuda"), torch.cuda.get_device_capability()
     dtype, eps = getattr(torch, args.dtype), 1e-6
     dense = lambda *inputs: unfused_norm_linear(torch, *inputs)  # noqa: E731
     compiled = torch.compile(dense)
@@ -79,7 +79,7 @@ def main():
     for row in rows:
         print(f"{row['layer']:<9}{row['m']:>6}" + "".join(f"{row['ms'][name]:>20.4f}" for name in names)
               + f"{row['speedup_vs_eager']:>9.2f}{row['speedup_vs_compile']:>11.2f}")
-    out = args.out or harness.RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", device) / "sparse_linear.json"
+    out = args.out or harness.RESULTS / device_slug(device) / "sparse_linear.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"op": "sparse_linear", "device": device, "capability": list(capability),
                                "dtype": args.dtype, "norm": args.norm, "torch": torch.__version__,

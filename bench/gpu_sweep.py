@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from llmc.compiler.bench import prepare_checkpoint, run_bench
-    from llmc.compiler.bench_report import markdown, write_results
+    from llmc.bench.run import prepare_model, run_bench
+    from llmc.bench.report import markdown, write_results
 
     if not torch.cuda.is_available():
         raise SystemExit("gpu_sweep needs a CUDA GPU; on CPU use `llmc bench qwen3-0.6b`")
     if not (args.checkpoint_dir / "config.json").is_file():
-        prepare_checkpoint(MODEL, args.checkpoint_dir, "cuda")
+        prepare_model(MODEL, args.checkpoint_dir, "cuda")  # writes the random-weight checkpoint there
     report = run_bench(str(args.checkpoint_dir), quick=args.quick, device="cuda", lengths=args.lengths,
                        batches=args.batches, dtype="bfloat16")
     report["model"] = MODEL

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
+
+from llmc.bench.probe import device_name, device_slug
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,7 +39,7 @@ def run(op: str, args, make_inputs, unfused, kernel, bytes_moved) -> None:
     from llmc.codegen.triton.launch import register_cuda_impls
 
     register_cuda_impls()
-    device = torch.cuda.get_device_name()
+    device = device_name("cuda")
     compiled = torch.compile(unfused)
     rows = []
     for text in args.shapes:
@@ -59,7 +60,7 @@ def run(op: str, args, make_inputs, unfused, kernel, bytes_moved) -> None:
         ms = row["ms"]
         print(f"{shape:<28}{ms['eager']:>10.4f}{ms['torch.compile']:>12.4f}{ms['triton']:>11.4f}"
               f"{row['speedup_vs_eager']:>9.2f}{row['speedup_vs_compile']:>11.2f}{row['triton_GBps']:>8.0f}")
-    out = args.out or RESULTS / re.sub(r"[^A-Za-z0-9_.-]+", "_", device) / f"{op}.json"
+    out = args.out or RESULTS / device_slug(device) / f"{op}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"op": op, "device": device, "dtype": args.dtype, "torch": torch.__version__,
                                "rows": rows}, indent=2))

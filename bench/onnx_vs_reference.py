@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import llmc
-from llmc.runtime.bench import device_name, device_slug
+from llmc.bench.probe import device_name, device_slug
 from llmc.runtime.engine import load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
     a = p.parse_args()
     import llmc
-    from llmc.runtime import bench as probe
+    from llmc.bench import probe
 
     try:
         load = probe.check_quiet(a.force)

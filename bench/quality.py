@@ -21,7 +21,7 @@ from pathlib import Path
 
 import llmc
 import llmc.models
-from llmc.runtime.bench import device_name, device_slug
+from llmc.bench.probe import device_name, device_slug
 from llmc.runtime.engine import load
 from llmc.runtime.evaluate import perplexity, read_token_ids
 

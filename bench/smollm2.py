@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from llmc.compiler import bench_systems as systems
+from llmc.bench import systems
 from llmc.models.gguf import GGUFFile
 from llmc.models.registry import packaged_file
-from llmc.runtime import bench as probe
+from llmc.bench import probe
 from llmc.runtime.bundle import open_bundle
 
 NAME = "smollm2-135m-instruct"

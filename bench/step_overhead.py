@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from llmc.runtime import bench as probe
+    from llmc.bench import probe
 
     try:
         load = probe.check_quiet(a.force)

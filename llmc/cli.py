@@ -181,8 +181,8 @@ def _verify(a) -> None:
 
 
 def _bench(a) -> None:
-    from llmc.compiler.bench import run_bench
-    from llmc.compiler.bench_report import markdown, write_results
+    from llmc.bench.run import run_bench
+    from llmc.bench.report import markdown, write_results
 
     report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
                        target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,

@@ -17,7 +17,7 @@ from llmc.models.loader import save_checkpoint
 from llmc.models.registry import get_config
 from llmc.passes.graph_weights import return_free_memory
 from llmc.runtime.bundle import open_bundle
-from llmc.runtime.bench import PeakMemory
+from llmc.bench.probe import PeakMemory
 
 COMPILE_LIMIT = 1.5  # x the checkpoint's weight bytes
 ENGINE_LIMIT = 1.2  # x (the bundle's weight bytes + the KV pool's)

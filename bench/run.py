@@ -32,15 +32,15 @@ import torch
 from tqdm import tqdm
 
 import llmc
-from llmc.compiler import bench_systems as systems_
+from llmc.bench import systems as systems_
 from llmc.compiler.api import compile as llmc_compile
-from llmc.compiler.bench_report import PEERS, compare
+from llmc.bench.report import PEERS, compare
 from llmc.models import ModelConfig
 from llmc.models.gguf import GGUFFile, is_gguf
 from llmc.models.loader import read_config, save_checkpoint
 from llmc.models.registry import EMBEDDED_DIR, EMBEDDED_NAME, PACKAGED, get_config, packaged_file
 from llmc.models.transformer import Transformer
-from llmc.runtime import bench as probe
+from llmc.bench import probe
 from llmc.targets import get_target, resolve_dtype, targets_with_capability
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llmc.models.registry import get_config
-from llmc.runtime.bench import (BusyMachineError, PeakMemory, Shapes, alternate, check_quiet, copy_bandwidth,
+from llmc.bench.probe import (BusyMachineError, PeakMemory, Shapes, alternate, check_quiet, copy_bandwidth,
                                 decode_floor_s, decode_step_bytes, device_slug, matmul_rate, median_of, prefill_flops,
                                 prefill_floor_s, spread, time_call)
 
@@ -91,7 +91,7 @@ def test_peak_memory_sees_a_torch_allocation_freed_inside_the_block():
 
 
 def test_peak_memory_falls_back_to_sampling_where_the_mark_cannot_be_reset(monkeypatch):
-    import llmc.runtime.bench as bench
+    import llmc.bench.probe as bench
 
     monkeypatch.setattr(bench, "_reset_rss_high_water", lambda: False)
     with PeakMemory("cpu", interval_s=0.001) as peak:

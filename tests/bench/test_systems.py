@@ -11,8 +11,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from llmc.compiler import bench_systems
-from llmc.compiler.bench import run_bench
+from llmc.bench import systems as bench_systems
+from llmc.bench.run import run_bench
 from llmc.models.gguf import GGUFFile
 from tests.models.test_gguf import reference, tiny_hf, write_gguf
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llmc.models.gguf import GGUFFile
-from llmc.runtime import bench as probe
+from llmc.bench import probe
 from llmc.runtime.engine import load
 from llmc.runtime.onnx import INSTALL_ORT
 
