@@ -32,16 +32,16 @@ import torch
 from tqdm import tqdm
 
 import llmc
+from llmc.bench import probe
 from llmc.bench import systems as systems_
-from llmc.compiler.api import compile as llmc_compile
 from llmc.bench.report import PEERS, compare
+from llmc.common.targets import get_target, resolve_dtype, targets_with_capability
+from llmc.compiler.api import compile as llmc_compile
 from llmc.models import ModelConfig
 from llmc.models.gguf import GGUFFile, is_gguf
 from llmc.models.loader import read_config, save_checkpoint
 from llmc.models.registry import EMBEDDED_DIR, EMBEDDED_NAME, PACKAGED, get_config, packaged_file
 from llmc.models.transformer import Transformer
-from llmc.bench import probe
-from llmc.targets import get_target, resolve_dtype, targets_with_capability
 
 
 @dataclass

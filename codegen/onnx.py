@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
+from llmc.common.contract import EXPORTED_INPUTS, STEP_OUTPUTS
+
 from . import onnx_ops
 from . import ops as _ops  # noqa: F401  (registers the llmc ops the graph calls)
 
-INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index")
-OUTPUT_NAMES = ("logits", "new_k", "new_v")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MIN_OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention
 PROTOBUF_LIMIT = 2**31 - 1
-# Named dynamic dims, in INPUT_NAMES order; they become the model's dim_params.
+# Named dynamic dims, in EXPORTED_INPUTS order; they become the model's dim_params.
 DYNAMIC_SHAPES = ({0: "batch", 1: "sequence"}, {0: "batch", 1: "sequence"}, {1: "num_blocks"}, {1: "num_blocks"},
                   {0: "batch", 1: "max_blocks"}, {0: "batch"}, {0: "batch"})
 # Whole-model criteria, DESIGN.md's. float32: elementwise rtol = atol = 1e-4 (summation order changes). 16 bits:
@@ -142,7 +142,7 @@ def check_ops(gm: torch.fx.GraphModule) -> None:
 
 
 def without_slot_mapping(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of gm (sharing its tensors) whose inputs are INPUT_NAMES: slot_mapping, which only fuse_kv_write's
+    """A copy of gm (sharing its tensors) whose inputs are EXPORTED_INPUTS: slot_mapping, which only fuse_kv_write's
     cache writes read, dropped."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
@@ -150,8 +150,8 @@ def without_slot_mapping(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.op == "placeholder" and node.target == "slot_mapping" and not node.users:
             graph.erase_node(node)
     names = tuple(n.target for n in graph.nodes if n.op == "placeholder")
-    if names != INPUT_NAMES:
-        raise OnnxExportError(f"graph inputs {names} are not a paged step's {INPUT_NAMES} (+ unused slot_mapping)")
+    if names != EXPORTED_INPUTS:
+        raise OnnxExportError(f"graph inputs {names} are not a paged step's {EXPORTED_INPUTS} (+ unused slot_mapping)")
     return torch.fx.GraphModule(gm, graph)
 
 
@@ -190,7 +190,7 @@ def _torch_export(step: torch.fx.GraphModule, inputs: tuple, opset: int, table: 
             warnings.simplefilter("ignore")
             program = torch.onnx.export(step, inputs, dynamo=True, opset_version=opset, verbose=False,
                                         custom_translation_table=table, dynamic_shapes=DYNAMIC_SHAPES,
-                                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+                                        input_names=list(EXPORTED_INPUTS), output_names=list(STEP_OUTPUTS))
     except torch.onnx.errors.OnnxExporterError as error:
         root = error
         while root.__cause__ is not None:  # torch.onnx wraps the real reason (a missing aten translation...)
@@ -264,15 +264,15 @@ def validate_onnx(model_path: Path, gm: torch.fx.GraphModule, example_inputs: tu
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         runs = []
         for label, inputs, want in (("example", example_inputs, expected), ("random", second, None)):
-            feeds = {name: tensor.numpy() for name, tensor in zip(INPUT_NAMES, inputs)}
+            feeds = {name: tensor.numpy() for name, tensor in zip(EXPORTED_INPUTS, inputs)}
             want = want if want is not None else _run_graph(gm, inputs)
-            runs.append((label, session.run(list(OUTPUT_NAMES), feeds), want))
+            runs.append((label, session.run(list(STEP_OUTPUTS), feeds), want))
     except ort_errors as error:
         raise OnnxValidationError(f"onnxruntime could not run the exported model ({str(error).strip()[:300]}); "
                                   f"compile with --backend triton/default") from error
     for label, arrays, want in runs:
         got = [torch.from_numpy(array) for array in arrays]
-        for name, g, w in zip(OUTPUT_NAMES, got, want):
+        for name, g, w in zip(STEP_OUTPUTS, got, want):
             worst, cosine = _compare(name, label, g, w)
             result["max_abs_diff"].setdefault(label, {})[name] = worst
             result["cosine"].setdefault(label, {})[name] = cosine

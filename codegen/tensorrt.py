@@ -17,7 +17,7 @@ TensorRT 10).
 """
 from __future__ import annotations
 
-from llmc.targets import BF16_MIN_CAPABILITY, Target, describe
+from llmc.common.targets import BF16_MIN_CAPABILITY, Target, describe
 
 SETTINGS_VERSION = 1
 HARDWARE_COMPATIBILITY_LEVELS = ("none", "ampere_plus")

@@ -12,6 +12,8 @@ import torch
 
 import llmc
 from llmc.codegen.graph_io import graph_to_json
+from llmc.common.contract import GRAPH, KV_BLOCK_SIZE, MANIFEST, ManifestError, read_manifest
+from llmc.common.targets import get_target, resolve_dtype
 from llmc.compiler import artifact, pipeline, plan
 from llmc.compiler.calibration import read_calibration
 from llmc.compiler.export import export_backend
@@ -19,11 +21,9 @@ from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
 from llmc.compiler.trace import Traced, cache_slots, example_inputs, share_weights, trace, unbind_weights
 from llmc.models import ModelConfig, Transformer
-from llmc.targets import get_target, resolve_dtype
 
 DEFAULT_MAX_SEQ_LEN = 4096
 BACKENDS = ("triton", "onnx", "tensorrt")
-BLOCK_SIZE = 16
 
 
 @dataclass
@@ -81,13 +81,13 @@ def check_inputs(model: Transformer, name: str, max_seq_len: int, seed: int = 0)
     no query reads in this step, as the runtime's blocks guarantee."""
     g = torch.Generator().manual_seed(seed)
     seq = min(7 if name == "prefill" else 1, max_seq_len)
-    ids, pos, k, v, table, past, last, _ = example_inputs(model, 3, seq, BLOCK_SIZE)
+    ids, pos, k, v, table, past, last, _ = example_inputs(model, 3, seq, KV_BLOCK_SIZE)
     ids = torch.randint(0, model.config.vocab_size, ids.shape, generator=g)
     k, v = torch.randn(k.shape, generator=g).to(k.dtype), torch.randn(v.shape, generator=g).to(v.dtype)
     table = torch.randperm(k.shape[1], generator=g)[: table.numel()].view(table.shape)
-    past = torch.randint(0, min(table.shape[1] * BLOCK_SIZE, max_seq_len - seq + 1), past.shape, generator=g)
+    past = torch.randint(0, min(table.shape[1] * KV_BLOCK_SIZE, max_seq_len - seq + 1), past.shape, generator=g)
     pos = past[:, None] + torch.arange(seq)
-    return ids, pos, k, v, table, past, last, cache_slots(table, past, seq, BLOCK_SIZE)
+    return ids, pos, k, v, table, past, last, cache_slots(table, past, seq, KV_BLOCK_SIZE)
 
 
 def collect_weights(graphs) -> dict[str, torch.Tensor]:
@@ -239,20 +239,22 @@ def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None,
     place by default, the unbound bundle is replaced only once the bound one is complete.
     """
     bundle = Path(bundle)
-    manifest_file = bundle / "manifest.json"
-    if not manifest_file.is_file():
-        raise ValueError(f"{bundle} is not an llmc bundle (no manifest.json)")
-    manifest = json.loads(manifest_file.read_text())
-    recorded = ModelConfig.from_dict(manifest["model"])
+    if not (bundle / MANIFEST).is_file():
+        raise ValueError(f"{bundle} is not an llmc bundle (no {MANIFEST})")
+    try:
+        manifest = read_manifest(bundle)  # the contract's reader: the fields llmc.load relies on, typed
+    except ManifestError as e:
+        raise ValueError(f"{bundle}: {e}; rebuild the bundle with llmc compile") from None
+    recorded = ModelConfig.from_dict(manifest.model)
     source = resolve(weights)
     if not source.config.same_model(recorded):
-        raise ValueError(f"--weights {weights} holds a different model than the bundle ({manifest['model'].get('name')})")
-    source.name = manifest["model"].get("name", source.name)
-    names = list(dict.fromkeys(p["name"] for p in manifest["passes"] if p["graph"] == "prefill"))
-    old_graph = json.loads((bundle / "graph.json").read_text())
+        raise ValueError(f"--weights {weights} holds a different model than the bundle ({manifest.model.get('name')})")
+    source.name = manifest.model.get("name", source.name)
+    names = list(dict.fromkeys(p["name"] for p in manifest.passes if p["graph"] == "prefill"))
+    old_graph = json.loads((bundle / GRAPH).read_text())
     out = Path(out) if out else bundle
-    path = _build(source, get_target(manifest["target"]["name"]), manifest["dtype"], manifest["max_seq_len"], names,
-                  out, False, progress, True, expect_graph=old_graph, options=options_from_manifest(manifest))
+    path = _build(source, get_target(manifest.target["name"]), manifest.dtype, manifest.max_seq_len, names,
+                  out, False, progress, True, expect_graph=old_graph, options=options_from_manifest(manifest.to_json()))
     return path
 
 
@@ -267,16 +269,25 @@ def options_from_manifest(manifest: dict) -> Options:
                    attention_keep=attention.get("keep", 0.0), attention_block=attention.get("block", 64))
 
 
-def _structure(graph: dict) -> str:
-    """graph.json with node names replaced by their positions: two exports of one model may number nodes
-    differently (export's name counters), but must agree on everything else."""
+def _structure(graph: dict) -> dict:
+    """graph.json with each graph's call-node names replaced by their positions: two exports of one model may
+    number nodes differently (export's name counters), but must agree on everything else."""
+
+    def renamed(value, names: dict):
+        if isinstance(value, str):
+            return names.get(value, value)
+        if isinstance(value, list):
+            return [renamed(v, names) for v in value]
+        if isinstance(value, dict):
+            return {k: renamed(v, names) for k, v in value.items()}
+        return value
+
+    graphs = {}
+    for name, g in graph["graphs"].items():
+        names = {n["name"]: f"#{i}" for i, n in enumerate(g["nodes"]) if n["op"] not in ("placeholder", "get_attr")}
+        graphs[name] = renamed(g, names)
     # The memory plans derive from the graphs: comparing graphs is enough, and bundles without plans still bind.
-    text = json.dumps({k: v for k, v in graph.items() if k != "memory"}, sort_keys=True)
-    for g in graph["graphs"].values():
-        for i, node in enumerate(g["nodes"]):
-            if node["op"] not in ("placeholder", "get_attr"):
-                text = text.replace(f'"{node["name"]}"', f'"#{i}"')
-    return text
+    return {**{k: v for k, v in graph.items() if k not in ("memory", "graphs")}, "graphs": graphs}
 
 
 def _decode_with_weights(net: Transformer, source: ModelSource, dtype: torch.dtype, ctx, names: list[str],
@@ -284,7 +295,7 @@ def _decode_with_weights(net: Transformer, source: ModelSource, dtype: torch.dty
     """The decode graph passed with its own weights, for when its passes derived tensors the prefill graph's did
     not (a lowering specific to one row): the weights are streamed again, and the tensors both graphs name are
     the prefill graph's."""
-    decode = trace(net, BLOCK_SIZE, source.weight_stream(dtype))[1]  # the fresh prefill graph is dropped here
+    decode = trace(net, KV_BLOCK_SIZE, source.weight_stream(dtype))[1]  # the fresh prefill graph is dropped here
     report = pipeline.run_pipeline(decode.gm, ctx, names, graph_name=decode.name, free_weights=True)
     share_weights(decode.gm, prefill.gm)
     return decode, report
@@ -299,13 +310,13 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     report.notes = source.weight_notes(dtype_name)
     weights = source.weight_stream(dtype, progress)  # streamed into the graph: one copy of the weights, never two
     t1 = time.perf_counter()
-    graphs = trace(net, BLOCK_SIZE, weights)
+    graphs = trace(net, KV_BLOCK_SIZE, weights)
     samples = {t.name: check_inputs(net, t.name, max_seq_len) for t in graphs} if check else {}
     t2 = time.perf_counter()
     options = options or Options()
     calibration = None
     if options.calibration is not None:
-        calibration = read_calibration(options.calibration, source.tokenizer_dir, source.config, dtype, BLOCK_SIZE,
+        calibration = read_calibration(options.calibration, source.tokenizer_dir, source.config, dtype, KV_BLOCK_SIZE,
                                        max_seq_len)
     ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len,
                                sliding_window=options.sliding_window, attention_keep=options.attention_keep,
@@ -332,7 +343,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         extra = kernels.files if kernels else {}
     else:
         moved, report.export = export_backend(graphs[0].gm, check_inputs(net, "prefill", max_seq_len),
-                                              options.backend, tgt, dtype_name, max_seq_len, BLOCK_SIZE,
+                                              options.backend, tgt, dtype_name, max_seq_len, KV_BLOCK_SIZE,
                                               source.config, Path(scratch.name))
     report.kernels = kernels.report if kernels else None
     t_kernels = time.perf_counter()
@@ -346,7 +357,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
         **options.to_manifest(),
         **({"calibration": calibration.record} if calibration else {}),
         **({"onnx": {"file": "onnx/model.onnx", **report.export}} if options.backend != "triton" else {}),
-        "block_size": BLOCK_SIZE,
+        "block_size": KV_BLOCK_SIZE,
         "has_weights": source.has_weights,
         "eos_token_ids": source.eos_token_ids,
         "passes": [{"graph": p.graph, **r} for p in report.pipelines for r in p.to_dict()["records"]],
@@ -358,7 +369,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     if expect_graph is not None and _structure(expect_graph) != _structure(graph):
         raise ValueError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
     tensors = collect_weights(graphs)
-    graph["memory"] = plan.plan_bundle(graphs, source.config, dtype, BLOCK_SIZE, max_seq_len, tensors)
+    graph["memory"] = plan.plan_bundle(graphs, source.config, dtype, KV_BLOCK_SIZE, max_seq_len, tensors)
     weight_stream = sorted(tensors.items()) if source.has_weights else None
     if options.backend != "triton":  # the weights live in the ONNX model (external data): not stored twice
         weight_stream, manifest["weights_in"] = None, "onnx/model.onnx" 

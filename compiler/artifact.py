@@ -3,8 +3,8 @@
 Everything goes into a hidden sibling of `out` (same parent, so the final rename is atomic on one file
 system); manifest.json, which holds the sha256 of every other file, is written last. A failure or a
 KeyboardInterrupt at any point removes the staging directory and leaves `out` as it was. The reader is
-runtime/bundle.py; the two share the format by these constants, not by imports (runtime never imports
-compiler), and the round-trip tests keep them in step.
+runtime/bundle.py; the two share the format through llmc.common.contract (runtime never imports compiler), and
+the round-trip tests keep them in step.
 """
 from __future__ import annotations
 
@@ -25,18 +25,22 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-# The format's names and hashing are the reader's (runtime/bundle.py): one definition, so they cannot drift.
-from llmc.runtime.bundle import FORMAT, FORMAT_VERSION, GRAPH, MANIFEST, TOKENIZER_DIR, WEIGHTS_DIR, sha256_file
-from llmc.targets import Target, resolve_dtype
-
-KERNELS_DIR = "kernels"
-
-# Only these are copied, so that pointing tokenizer_dir at a checkpoint directory does not drag its weights in.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+# The format's names, fields and hashing are the contract's, which the reader (runtime/bundle.py) uses too.
+from llmc.common.contract import (
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPH,
+    KERNELS_DIR,
+    MANIFEST,
+    REQUIRED,
+    TOKENIZER_DIR,
+    TOKENIZER_FILES,
+    WEIGHTS_DIR,
+    Manifest,
+    ManifestError,
+    sha256_file,
 )
-REQUIRED_KEYS = ("model", "target", "dtype", "max_seq_len", "block_size", "eos_token_ids", "passes")
+from llmc.common.targets import Target, resolve_dtype
 
 
 class BundleWriteError(ValueError):
@@ -143,7 +147,9 @@ def _is_bundle(path: Path) -> bool:
 
 
 def _complete_manifest(given: dict, has_weights: bool) -> dict:
-    missing = [key for key in REQUIRED_KEYS if key not in given]
+    """The manifest to write: `given` plus what the writer owns (format, version, creation, weights, files: filled
+    in once hashed), checked against the contract's required fields."""
+    missing = [key for key in REQUIRED if key not in given and key not in ("has_weights", "files")]
     if missing:
         raise ValueError(f"bundle manifest lacks {', '.join(missing)}")
     target = Target.from_dict(given["target"])
@@ -159,6 +165,10 @@ def _complete_manifest(given: dict, has_weights: bool) -> dict:
     manifest.update({k: v for k, v in given.items() if k not in ("format", "format_version", "created", "files")})
     manifest["has_weights"] = has_weights
     manifest.setdefault("toolchain", toolchain_versions())
+    try:
+        Manifest.from_json({**manifest, "files": {}})  # the fields' types, as the reader will check them
+    except ManifestError as e:
+        raise ValueError(f"bundle manifest: {e}") from None
     return manifest
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from llmc.common.contract import DEFAULT_MAX_BATCH
+
 ONNX_DIR = "onnx"
 TENSORRT_SETTINGS = "tensorrt/settings.json"
-DEFAULT_MAX_BATCH = 32  # the runtime's default batch: TensorRT's optimization profiles stop there
 
 
 def export_backend(gm: torch.fx.GraphModule, inputs: tuple, backend: str, target, dtype: str, max_seq_len: int,

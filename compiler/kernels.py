@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from llmc.targets import Target
+from llmc.common.targets import Target
 
 
 @dataclass

@@ -22,10 +22,6 @@ from torch.export import Dim
 from llmc.compiler.stitch import StitchError, stitch
 from llmc.models import PagedKV, Transformer
 
-INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index",
-               "slot_mapping")
-OUTPUT_NAMES = ("logits", "new_k", "new_v")
-
 
 class PagedStep(nn.Module):
     """Adapts `Transformer` to flat tensor inputs, the form torch.export and the runtime share."""
@@ -40,8 +36,8 @@ class PagedStep(nn.Module):
 
 @dataclass
 class Traced:
-    """One traced graph: placeholders are the user inputs (INPUT_NAMES), weights are get_attr nodes whose
-    attribute names are the weights' flat names ("layers_0_self_attn_q_proj_weight")."""
+    """One traced graph: placeholders are the user inputs (llmc.common.contract.STEP_INPUTS), weights are get_attr
+    nodes whose attribute names are the weights' flat names ("layers_0_self_attn_q_proj_weight")."""
 
     name: str  # "prefill" | "decode"
     gm: torch.fx.GraphModule

@@ -5,7 +5,7 @@
     engine = llmc.load(path)
     engine.generate([engine.encode("def main(")], max_new_tokens=32)
 
-The public functions are imported on first use, so that `llmc.targets` stays a leaf module the compiler and
+The public functions are imported on first use, so that `llmc.common.targets` stays a leaf module the compiler and
 the runtime can both import, and an inference host that only loads bundles never imports the compiler.
 """
 from llmc.openmp import set_wait_policy

@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
+from llmc.common.targets import DTYPE_ALIASES, get_target, targets_with_capability
 from llmc.compiler import pipeline
 from llmc.compiler.api import record_report
 from llmc.compiler.pipeline import PipelineReport
-from llmc.targets import DTYPE_ALIASES, get_target, targets_with_capability
 
 OPTION_NAMES = ("passes", "dtype", "check_passes", "max_seq_len", "inductor")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")

@@ -181,8 +181,8 @@ def _verify(a) -> None:
 
 
 def _bench(a) -> None:
-    from llmc.bench.run import run_bench
     from llmc.bench.report import markdown, write_results
+    from llmc.bench.run import run_bench
 
     report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
                        target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,
@@ -194,7 +194,7 @@ def _bench(a) -> None:
 
 
 def _targets(a) -> None:
-    from llmc.targets import format_targets
+    from llmc.common.targets import format_targets
 
     print(format_targets())
 

@@ -15,7 +15,6 @@ later passes read dtypes and shapes from), checks it has the shape and dtype of 
 from __future__ import annotations
 
 import contextlib
-
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass
 class PassContext:
-    """What every pass may ask: the target (an llmc.targets Target, or None for target-independent passes)
+    """What every pass may ask: the target (an llmc.common.targets Target, or None for target-independent passes)
     and the model dtype. `note` records a fallback or a skipped rewrite for the pipeline report."""
 
     target: Any = None

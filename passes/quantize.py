@@ -31,13 +31,21 @@ from torch import nn
 from torch.fx import GraphModule
 
 from llmc.codegen.quant import QuantizedWeight, dequantize_weight, quantize_weight
-from llmc.targets import describe as describe_target
+from llmc.common.targets import describe as describe_target
 
 from .calibrate import SAMPLE_ROWS, CalibrationError, Gemm, Stats, StatsBuilder, collect_stats, gemms
 from .graph_weights import add_weight, drop_unread, finish_node, read
 from .pattern import PassContext
-from .quant_config import (Float8Config, Int4W4A8Config, Int4WeightOnlyConfig, Int8Config, Int8WeightOnlyConfig,
-                           QuantPolicy, as_policy, layer_kind)
+from .quant_config import (
+    Float8Config,
+    Int4W4A8Config,
+    Int4WeightOnlyConfig,
+    Int8Config,
+    Int8WeightOnlyConfig,
+    QuantPolicy,
+    as_policy,
+    layer_kind,
+)
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 AWQ_GRID = tuple(i / 10 for i in range(11))

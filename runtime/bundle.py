@@ -8,7 +8,6 @@ the same minus the host check (it runs on build machines). The writer is compile
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import defaultdict
@@ -19,17 +18,19 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import safe_open
 
-from llmc.targets import Target, describe, host_isa, isa_at_least, targets_with_capability
+from llmc.common.contract import (
+    FORMAT,
+    GRAPH,
+    MANIFEST,
+    TOKENIZER_DIR,
+    WEIGHTS_DIR,
+    Manifest,
+    ManifestError,
+    sha256_file,
+)
+from llmc.common.targets import Target, describe, host_isa, isa_at_least, targets_with_capability
 
-FORMAT = "llmc-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-GRAPH = "graph.json"
-WEIGHTS_DIR = "weights"
-TOKENIZER_DIR = "tokenizer"
-HASH_CHUNK = 1 << 20
 REBUILD = "rebuild the bundle with llmc compile"
-REQUIRED_KEYS = {"model": dict, "target": dict, "dtype": str, "has_weights": bool, "files": dict}
 
 
 class BundleError(Exception):
@@ -41,7 +42,7 @@ class HostInfo:
     device: str  # "cpu" | "cuda"
     capability: tuple[int, int] | None
     name: str
-    cpu_isa: str = field(default_factory=host_isa)  # what the host's CPU runs (llmc.targets.CPU_ISAS)
+    cpu_isa: str = field(default_factory=host_isa)  # what the host's CPU runs (llmc.common.targets.CPU_ISAS)
 
 
 def detect_host() -> HostInfo:
@@ -139,16 +140,6 @@ def verify_bundle(path: str | Path) -> None:
     _read_graph(path)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb") as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
 def _safetensors_header(file: Path) -> dict:
     """The JSON header of a safetensors file (8 bytes of little-endian size, then the header)."""
     with open(file, "rb") as f:
@@ -173,16 +164,12 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{path / MANIFEST} is not valid JSON ({e}); {REBUILD}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{path} is not an llmc bundle (manifest format is {found!r}, not {FORMAT!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format v{version}, this llmc reads v{FORMAT_VERSION}: rebuild it "
-                          "with llmc compile")
-    for key, kind in REQUIRED_KEYS.items():
-        if not isinstance(manifest.get(key), kind):
-            raise BundleError(f"{path / MANIFEST}: missing or malformed {key!r}; {REBUILD}")
+    try:
+        Manifest.from_json(manifest)  # the format, its version and every required field, checked once
+    except ManifestError as e:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise BundleError(f"{path} is not an llmc bundle ({e})") from None
+        raise BundleError(f"{path / MANIFEST}: {e}; {REBUILD}") from None
     if not isinstance(manifest.get("weight_aliases", {}), dict):
         raise BundleError(f"{path / MANIFEST}: malformed 'weight_aliases'; {REBUILD}")
     try:

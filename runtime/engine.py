@@ -19,7 +19,8 @@ import torch
 
 from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs call)
 from llmc.codegen.cpu.direct import call_directly
-from llmc.codegen.graph_io import graph_from_json
+from llmc.codegen.graph_io import graph_from_json, resolve_target
+from llmc.common.contract import DEFAULT_MAX_BATCH, STEP_INPUTS
 from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
 from llmc.runtime.chat import ChatTemplate, bundle_template, reply
@@ -268,15 +269,20 @@ def slot_mapping(block_tables: list[list[int]], starts: list[int], lengths: list
     return torch.tensor(rows, dtype=torch.long)
 
 
-KV_WRITERS = ("llmc.rope_write_kv.default", "llmc.rope_write_kv_cpu.default")  # layer is args[9] of both
+# The ops that write a layer's keys and values into the cache in place (the fuse_kv_write pass, its CPU lowering).
+KV_WRITERS = ("llmc.rope_write_kv.default", "llmc.rope_write_kv_cpu.default")
 
 
 def graph_writes_kv(graph: dict, num_layers: int) -> bool:
-    """Whether a graph.json graph writes every layer's new keys and values into the cache itself: it calls
-    llmc::rope_write_kv (the fuse_kv_write pass) or its CPU lowering llmc::rope_write_kv_cpu (same arguments) for
-    each layer. A graph that writes only some layers (the pass skipped an attention) leaves the writing to the
-    engine, which then rewrites those layers with equal values."""
-    layers = {node["args"][9] for node in graph["nodes"] if node.get("target") in KV_WRITERS}
+    """Whether a graph.json graph writes every layer's new keys and values into the cache itself: it calls a
+    KV_WRITERS op for each layer. A graph that writes only some layers (the pass skipped an attention) leaves the
+    writing to the engine, which then rewrites those layers with equal values."""
+    layers = set()
+    for node in graph["nodes"]:
+        if node.get("target") in KV_WRITERS:
+            schema = resolve_target(node["target"])._schema
+            layer = [a.name for a in schema.arguments].index("layer")  # by name: the op's schema says where
+            layers.add(node["kwargs"]["layer"] if "layer" in node.get("kwargs", {}) else node["args"][layer])
     return layers == set(range(num_layers))
 
 
@@ -328,7 +334,8 @@ def _load_graphs(bundle: Bundle, backend: str, dev: torch.device, dtype: torch.d
 
 def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str | None = None,
          kv_cache_fraction: float | None = None, kv_offload_memory: int | str = 0, kv_cache_tokens: int | None = None,
-         max_batch: int = 32, prefix_caching: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Engine:
+         max_batch: int = DEFAULT_MAX_BATCH, prefix_caching: bool = True,
+         prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Engine:
     """Opens and verifies a bundle, loads its weights and graphs, and allocates the KV cache.
 
     The device pool's size comes from at most one of: kv_cache_memory (bytes, or a string such as "2GiB"),
@@ -343,7 +350,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     if not bundle.has_weights:
         raise BundleError(f"{path} was compiled without weights; bind a checkpoint first (llmc compile ... --weights DIR)")
     backend = bundle.manifest.get("backend", "triton")
-    if backend == "triton" and "slot_mapping" not in bundle.graph.get("inputs", []):
+    if backend == "triton" and STEP_INPUTS[-1] not in bundle.graph.get("inputs", []):
         raise BundleError(f"{path} was compiled by an older llmc whose graphs take no slot_mapping input; "
                           "compile it again")
     if max_batch < 1:

@@ -26,8 +26,8 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from llmc.common.targets import targets_with_capability
 from llmc.runtime.bundle import HostInfo, detect_host
-from llmc.targets import targets_with_capability
 
 INDEX_FORMAT = "llmc-kernels"
 INDEX_VERSION = 1

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
+from llmc.common.contract import EXPORTED_INPUTS, STEP_OUTPUTS
 from llmc.runtime.bundle import BundleError
 
-INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index")
-OUTPUT_NAMES = ("logits", "new_k", "new_v")
 # onnx.TensorProto data types, which IOBinding takes as element types (numpy has no bfloat16 or float8).
 ELEMENT_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int8: 3, torch.int32: 6, torch.int64: 7, torch.bool: 9,
                  torch.float16: 10, torch.float64: 11, torch.bfloat16: 16, torch.float8_e4m3fn: 17}
@@ -76,7 +75,7 @@ class OnnxGraph:
     def _check_signature(self, model_path: Path) -> None:
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in INPUT_NAMES if n not in inputs] + [n for n in OUTPUT_NAMES if n not in outputs]
+        missing = [n for n in EXPORTED_INPUTS if n not in inputs] + [n for n in STEP_OUTPUTS if n not in outputs]
         if missing:
             raise BundleError(f"{model_path} lacks {missing[0]!r}, which the llmc runtime binds; rebuild the bundle "
                               f"with this llmc (llmc compile --backend onnx)")
@@ -86,12 +85,12 @@ class OnnxGraph:
                               f"{self.dtype}; rebuild the bundle")
 
     def bind(self, *tensors: torch.Tensor) -> None:
-        """Binds the seven inputs (INPUT_NAMES order) by address, and fresh outputs on the device."""
-        if len(tensors) != len(INPUT_NAMES):
-            raise TypeError(f"OnnxGraph takes {len(INPUT_NAMES)} inputs ({', '.join(INPUT_NAMES)}), got "
+        """Binds the seven inputs (EXPORTED_INPUTS order) by address, and fresh outputs on the device."""
+        if len(tensors) != len(EXPORTED_INPUTS):
+            raise TypeError(f"OnnxGraph takes {len(EXPORTED_INPUTS)} inputs ({', '.join(EXPORTED_INPUTS)}), got "
                             f"{len(tensors)}")
         self._bound = []  # keeps contiguous copies alive until the run; the engine's inputs are contiguous already
-        for name, tensor in zip(INPUT_NAMES, tensors):
+        for name, tensor in zip(EXPORTED_INPUTS, tensors):
             if tensor.device != self.device:
                 raise ValueError(f"{name} is on {tensor.device} but the ONNX graph runs on {self.device}")
             tensor = tensor.contiguous()
@@ -100,7 +99,7 @@ class OnnxGraph:
                                     list(tensor.shape), tensor.data_ptr())
         # Rebinding each output drops the previous run's buffer (which torch may still hold): onnxruntime would
         # otherwise write the next run into it, or refuse a new shape.
-        for name in OUTPUT_NAMES:
+        for name in STEP_OUTPUTS:
             self.binding.bind_output(name, self._device_type, self._device_id)
 
     def run_bound(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
+from llmc.common.contract import DEFAULT_MAX_BATCH
+
 from .block_manager import BlockManager
 from .kv_cache import BlockOp, BlockPool, CacheFullError
 
@@ -74,7 +76,7 @@ class Scheduler:
     advanced, and `commit(seq)` called after the write), and `finish(seq)` is called once a sequence is done.
     """
 
-    def __init__(self, blocks: BlockManager | BlockPool, max_batch: int = 32):
+    def __init__(self, blocks: BlockManager | BlockPool, max_batch: int = DEFAULT_MAX_BATCH):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.blocks = blocks if isinstance(blocks, BlockManager) else BlockManager(blocks)

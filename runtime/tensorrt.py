@@ -18,15 +18,14 @@ from pathlib import Path
 
 import torch
 
-from llmc.runtime.bundle import MANIFEST, BundleError, HostInfo, detect_host, open_bundle, sha256_file
+from llmc.common.contract import EXPORTED_INPUTS, MANIFEST, STEP_OUTPUTS, read_manifest, sha256_file, write_manifest
+from llmc.runtime.bundle import BundleError, HostInfo, detect_host, open_bundle
 
 TENSORRT_DIR = "tensorrt"
 SETTINGS = f"{TENSORRT_DIR}/settings.json"
 TIMING_CACHE = f"{TENSORRT_DIR}/timing.cache"
 ENGINE_RECORD = f"{TENSORRT_DIR}/engine.json"
 INSTALL = "pip install llmc[tensorrt] on a host with an NVIDIA GPU"
-INPUT_NAMES = ("input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index")
-OUTPUT_NAMES = ("logits", "new_k", "new_v")
 
 
 class TensorRTError(BundleError):
@@ -143,15 +142,14 @@ def build_engine_cli(path: str | Path) -> str:
 
 def record_files(bundle_path: Path, names: list[str], removed: list[str] = ()) -> None:
     """Lists `names` (files already in place) in the manifest with their sha256 and drops `removed`; the new
-    manifest replaces the old in one rename, so a reader sees one or the other."""
-    manifest_path = Path(bundle_path) / MANIFEST
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest replaces the old in one rename (the contract's writer), so a reader sees one or the other."""
+    manifest = read_manifest(bundle_path)
     for name in removed:
-        manifest["files"].pop(name, None)
+        manifest.files.pop(name, None)
     for name in names:
-        manifest["files"][name] = sha256_file(Path(bundle_path) / name)
-    manifest["files"] = dict(sorted(manifest["files"].items()))
-    _write_atomically(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+        manifest.files[name] = sha256_file(Path(bundle_path) / name)
+    manifest.files = dict(sorted(manifest.files.items()))
+    write_manifest(bundle_path, manifest)
 
 
 def load_graphs(bundle, device: torch.device) -> dict:
@@ -186,7 +184,7 @@ class TensorRTGraph:
             raise TensorRTError("TensorRT could not create an execution context (out of GPU memory?)")
         self.context.set_optimization_profile_async(profile, torch.cuda.current_stream(self.device).cuda_stream)
         dtypes = _torch_dtypes(trt)
-        self.output_dtypes = {name: dtypes[engine.get_tensor_dtype(name)] for name in OUTPUT_NAMES}
+        self.output_dtypes = {name: dtypes[engine.get_tensor_dtype(name)] for name in STEP_OUTPUTS}
 
     def __call__(self, input_ids, positions, k_cache, v_cache, block_table, past_lens, last_index,
                  slot_mapping=None):
@@ -195,14 +193,14 @@ class TensorRTGraph:
                              f"{self.max_cache_blocks}; give the KV cache less memory (--kv-cache-memory)")
         stream = torch.cuda.current_stream(self.device)
         bound = []  # keeps any contiguous copy alive until the engine has run; the engine's inputs are contiguous
-        for name, tensor in zip(INPUT_NAMES, (input_ids, positions, k_cache, v_cache, block_table, past_lens,
+        for name, tensor in zip(EXPORTED_INPUTS, (input_ids, positions, k_cache, v_cache, block_table, past_lens,
                                               last_index)):
             tensor = tensor.contiguous()
             bound.append(tensor)
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = []
-        for name in OUTPUT_NAMES:
+        for name in STEP_OUTPUTS:
             out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.output_dtypes[name],
                               device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())

@@ -25,7 +25,7 @@ from llmc.codegen.quant import FP8, act_bits, check_scheme, quantize_weight
 from llmc.codegen.triton import configs
 from llmc.codegen.triton.configs import Config
 from llmc.codegen.triton.hooks import current_arch, dtype_name, empty_output, load
-from llmc.targets import FP8_MIN_CAPABILITY
+from llmc.common.targets import FP8_MIN_CAPABILITY
 
 # The weight format each scheme's kernels are rendered for (spec key "scheme").
 WEIGHT_FORMAT = {"fp8_w8a16": "fp8", "fp8_w8a8": "fp8", "int8_w8a8": "int8", "int8_w8a16": "int8",

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
-from llmc.bench.report import END, START, main as report_main
+from llmc.bench.report import END, START, best_peer, compare, markdown, unpublishable, write_results
+from llmc.bench.report import main as report_main
 from llmc.bench.run import _entry
-from llmc.bench.report import best_peer, compare, markdown, unpublishable, write_results
 
 DECODE_FLOOR = 0.002  # seconds per step at batch 1
 LLAMA_FLOOR = 0.0005  # its stored Q4_1 bytes: a quarter of the float32 floor's

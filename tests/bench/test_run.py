@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from llmc.cli import main as cli_main
-from llmc.bench.run import run_bench
 from llmc.bench.report import PEERS, unpublishable, write_results
+from llmc.bench.run import run_bench
+from llmc.cli import main as cli_main
 
 MEASURED = ("llmc", "eager", "torch.compile", "onnxruntime")
 
@@ -61,10 +61,10 @@ def test_every_system_measured_against_the_floor_and_the_best_peer(report):
 
 def test_lengths_beyond_the_model_are_capped_and_skipped():
     # Only the skip decisions: every point past the embedded model's 512 tokens is skipped, never run.
+    from llmc.bench.probe import Shapes
     from llmc.bench.run import BenchSettings, _Points
     from llmc.models.loader import read_config
     from llmc.models.registry import EMBEDDED_DIR
-    from llmc.bench.probe import Shapes
 
     cfg = read_config(EMBEDDED_DIR)
     points = _Points(cfg.max_position_embeddings, BenchSettings(), Shapes.from_config(cfg.to_dict()))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from llmc.codegen import onnx_ops
-from llmc.codegen.onnx import (DATA_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAMES, OnnxExportError,
-                               OnnxValidationError, export_onnx, random_inputs)
+from llmc.codegen.onnx import DATA_FILE, MODEL_FILE, OnnxExportError, OnnxValidationError, export_onnx, random_inputs
+from llmc.common.contract import EXPORTED_INPUTS, KV_BLOCK_SIZE, STEP_OUTPUTS
 from llmc.compiler import pipeline
-from llmc.compiler.api import BLOCK_SIZE, check_inputs, meta_model
+from llmc.compiler.api import check_inputs, meta_model
 from llmc.compiler.source import resolve
 from llmc.compiler.trace import trace
 from llmc.models.loader import stream_weights
@@ -26,7 +26,7 @@ def passed_prefill(checkpoint, dtype: torch.dtype):
     """(gm, meta model): what `llmc compile --backend onnx` hands export_onnx."""
     source = resolve(checkpoint.path)
     net = meta_model(source, dtype)
-    gm = trace(net, BLOCK_SIZE, stream_weights(source.weights_dir, source.config, dtype))[0].gm
+    gm = trace(net, KV_BLOCK_SIZE, stream_weights(source.weights_dir, source.config, dtype))[0].gm
     passes = [name for name in pipeline.resolve_passes(None) if name != "fuse_kv_write"]
     pipeline.run_pipeline(gm, pipeline.PassContext(dtype=dtype, max_seq_len=MAX_SEQ_LEN), passes)
     return gm, net
@@ -67,8 +67,8 @@ def llama_export(graphs, tmp_path_factory):
 
 def run_onnx(path, inputs):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs)}
-    return [torch.from_numpy(a) for a in session.run(list(OUTPUT_NAMES), feeds)]
+    feeds = {name: t.numpy() for name, t in zip(EXPORTED_INPUTS, inputs)}
+    return [torch.from_numpy(a) for a in session.run(list(STEP_OUTPUTS), feeds)]
 
 
 def torch_outputs(gm, inputs):
@@ -88,7 +88,7 @@ def test_outputs_equal_the_torch_graph_in_float32(request, which):
     assert decode[0].shape[1] == 1 and (decode[5] > 0).all()
     for inputs in (prefill, decode):
         got, want = run_onnx(export.files[MODEL_FILE], inputs), torch_outputs(gm, inputs)
-        for name, g, w in zip(OUTPUT_NAMES, got, want):
+        for name, g, w in zip(STEP_OUTPUTS, got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -97,7 +97,7 @@ def test_interface_names_dims_and_standard_ops(qwen3_export):
     proto = onnx.load(str(export.files[MODEL_FILE]), load_external_data=False)
     dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
             for v in [*proto.graph.input, *proto.graph.output]}
-    assert list(dims) == [*INPUT_NAMES, *OUTPUT_NAMES]
+    assert list(dims) == [*EXPORTED_INPUTS, *STEP_OUTPUTS]
     assert dims["input_ids"] == dims["positions"] == ["batch", "sequence"]
     assert dims["k_cache"][1] == "num_blocks" and dims["block_table"] == ["batch", "max_blocks"]
     assert dims["past_lens"] == dims["last_index"] == ["batch"]

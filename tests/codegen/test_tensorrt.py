@@ -5,7 +5,7 @@ import random
 import pytest
 
 from llmc.codegen.tensorrt import TensorRTSettingsError, build_settings
-from llmc.targets import get_target
+from llmc.common.targets import get_target
 
 INPUTS = {"input_ids", "positions", "k_cache", "v_cache", "block_table", "past_lens", "last_index"}
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from llmc.common.targets import get_target
 from llmc.compiler.artifact import BundleWriteError, sha256_file, write_bundle
 from llmc.models import ModelConfig
 from llmc.runtime.bundle import BundleError, HostInfo, open_bundle
-from llmc.targets import get_target
 
 CPU_HOST = HostInfo("cpu", None, "cpu")
 PICKLE_MAGIC = [bytes([0x80, protocol]) for protocol in range(2, 6)]

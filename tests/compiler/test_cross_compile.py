@@ -10,12 +10,12 @@ import torch
 import llmc
 from llmc.codegen import ops  # noqa: F401
 from llmc.codegen.triton.plan import CLASS_DIM_SIZE
+from llmc.common.targets import get_target
 from llmc.compiler import pipeline
 from llmc.compiler.kernels import aot_for_target
 from llmc.compiler.trace import trace
 from llmc.models import ModelConfig, Transformer
 from llmc.runtime.kernels import cubin_arch, read_index
-from llmc.targets import get_target
 
 
 def llmc_calls(graph: dict, ops=None) -> int:
@@ -121,10 +121,10 @@ def test_cpu_target_builds_no_kernels(tiny_fp16_graphs):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_engine_launches_shipped_cubins(module_hf_checkpoint, tmp_path, monkeypatch):
+    from llmc.common.targets import targets_with_capability
     from llmc.runtime.bundle import detect_host
     from llmc.runtime.engine import load
     from llmc.runtime.kernels import CompilationCounter
-    from llmc.targets import targets_with_capability
 
     ckpt = module_hf_checkpoint("qwen3", hidden_size=64, head_dim=16, num_attention_heads=4)
     target = targets_with_capability(detect_host().capability)[0].name

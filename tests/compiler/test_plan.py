@@ -13,13 +13,22 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from llmc.common.contract import KV_BLOCK_SIZE
+from llmc.common.targets import get_target
 from llmc.compiler import pipeline
-from llmc.compiler.api import BLOCK_SIZE, check_inputs, collect_weights
-from llmc.compiler.plan import (ALIGNMENT, DECODE_BATCHES, Buffer, MemoryPlan, assign_offsets, liveness,
-                                plan_bundle, plan_memory)
+from llmc.compiler.api import check_inputs, collect_weights
+from llmc.compiler.plan import (
+    ALIGNMENT,
+    DECODE_BATCHES,
+    Buffer,
+    MemoryPlan,
+    assign_offsets,
+    liveness,
+    plan_bundle,
+    plan_memory,
+)
 from llmc.compiler.trace import trace
 from llmc.models import Transformer
-from llmc.targets import get_target
 from tests.conftest import randomize_parameters_, tiny_config
 
 aten = torch.ops.aten
@@ -205,7 +214,7 @@ def tiny_graphs():
     """(model, traced graphs after the default passes) at the tests' tiny shape, with random weights."""
     model = Transformer(tiny_config(num_layers=LAYERS))
     randomize_parameters_(model)
-    graphs = trace(model.eval(), BLOCK_SIZE)
+    graphs = trace(model.eval(), KV_BLOCK_SIZE)
     ctx = pipeline.PassContext(target=get_target("cpu"), dtype="float32", max_seq_len=MAX_SEQ_LEN)
     for t in graphs:
         pipeline.run_pipeline(t.gm, ctx, pipeline.resolve_passes(None), graph_name=t.name)
@@ -241,11 +250,11 @@ def test_an_arena_without_reuse_planning_corrupts_the_outputs(tiny_graphs):
 def test_bundle_section_plans_each_graph_at_its_shapes(tiny_graphs):
     model, graphs = tiny_graphs
     cfg = model.config
-    memory = plan_bundle(graphs, cfg, torch.float32, BLOCK_SIZE, MAX_SEQ_LEN, collect_weights(graphs))
+    memory = plan_bundle(graphs, cfg, torch.float32, KV_BLOCK_SIZE, MAX_SEQ_LEN, collect_weights(graphs))
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
     assert memory["kv_cache_bytes_per_token"] == per_token
-    assert memory["kv_cache_bytes_per_block"] == per_token * BLOCK_SIZE
-    blocks = -(-MAX_SEQ_LEN // BLOCK_SIZE)
+    assert memory["kv_cache_bytes_per_block"] == per_token * KV_BLOCK_SIZE
+    blocks = -(-MAX_SEQ_LEN // KV_BLOCK_SIZE)
     assert [p["shape"] for p in memory["plans"]["prefill"]] == [{"batch": 1, "new_tokens": MAX_SEQ_LEN,
                                                                    "kv_blocks": 1}]
     assert [p["shape"] for p in memory["plans"]["decode"]] == [{"batch": b, "new_tokens": 1, "kv_blocks": blocks}

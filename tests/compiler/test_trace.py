@@ -3,7 +3,8 @@ specialised to one token; both compute exactly what the eager paged step compute
 import pytest
 import torch
 
-from llmc.compiler.trace import INPUT_NAMES, PagedStep, trace
+from llmc.common.contract import STEP_INPUTS
+from llmc.compiler.trace import PagedStep, trace
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_graphs_equal_eager_at_any_size(traced, name, batch, seq, num_blocks, ma
 def test_signature_and_decode_specialisation(traced):
     _, graphs = traced
     for gm in graphs.values():
-        assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == list(INPUT_NAMES)
+        assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == list(STEP_INPUTS)
         # The model never reads slot_mapping; export keeps it as an input for the fuse_kv_write pass.
         assert not next(n for n in gm.graph.nodes if n.target == "slot_mapping").users
         assert not [n for n in gm.graph.nodes if n.op == "get_attr" and "." in n.target]

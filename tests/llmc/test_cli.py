@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llmc
-from llmc.targets import TARGETS
+from llmc.common.targets import TARGETS
 from tests.conftest import TINY_SHAPE, write_tiny_hf_checkpoint
 
 MAX_SEQ_LEN = 16

@@ -6,11 +6,20 @@ changes."""
 import pytest
 import torch
 
-from llmc.passes import (block_attention, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear, fuse_rms_norm,
-                         lower_cpu, merge_projections, quantize)
-from llmc.passes.quant_config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+from llmc.common.targets import get_target
+from llmc.passes import (
+    block_attention,
+    fold_rope,
+    fuse_add_norm,
+    fuse_kv_write,
+    fuse_norm_linear,
+    fuse_rms_norm,
+    lower_cpu,
+    merge_projections,
+    quantize,
+)
 from llmc.passes.pattern import PassContext
-from llmc.targets import get_target
+from llmc.passes.quant_config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
 llmc = torch.ops.llmc
 aten = torch.ops.aten

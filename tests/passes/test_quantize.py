@@ -18,6 +18,7 @@ from torch import nn
 from torch.export import Dim
 
 from llmc.codegen.quant import dequantize_weight, quantize_activations
+from llmc.common.targets import get_target
 from llmc.compiler import pipeline
 from llmc.compiler.api import check_inputs, collect_weights
 from llmc.compiler.trace import PagedStep, Traced, trace, unlift
@@ -26,9 +27,14 @@ from llmc.passes import quantize
 from llmc.passes.calibrate import CalibrationError, collect_stats, gemms
 from llmc.passes.graph_weights import read
 from llmc.passes.pattern import PassContext
-from llmc.passes.quant_config import (Float8Config, Int4W4A8Config, Int4WeightOnlyConfig, Int8Config, QuantPolicy,
-                                      config_for_scheme)
-from llmc.targets import get_target
+from llmc.passes.quant_config import (
+    Float8Config,
+    Int4W4A8Config,
+    Int4WeightOnlyConfig,
+    Int8Config,
+    QuantPolicy,
+    config_for_scheme,
+)
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 NAMES = [name for _, name, _ in pipeline.PASSES]

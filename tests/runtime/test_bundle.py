@@ -4,10 +4,10 @@ import random
 import pytest
 import torch
 
+from llmc.common.targets import CPU_ISAS, get_target
 from llmc.compiler.artifact import write_bundle
 from llmc.models import ModelConfig
 from llmc.runtime.bundle import BundleError, HostInfo, detect_host, open_bundle, verify_bundle
-from llmc.targets import CPU_ISAS, get_target
 
 CPU_HOST = HostInfo("cpu", None, "cpu")
 WEIGHTS = "weights/model-00001-of-00002.safetensors"
@@ -143,7 +143,7 @@ def rewrite_manifest(bundle_dir, **changes):
 
 def test_newer_format_version_is_refused(bundle_dir):
     rewrite_manifest(bundle_dir, format_version=2)
-    refused(bundle_dir, "bundle format v2, this llmc reads v1: rebuild it with llmc compile")
+    refused(bundle_dir, "bundle format v2, this llmc reads v1; rebuild the bundle with llmc compile")
 
 
 def test_foreign_or_broken_manifest_is_refused(bundle_dir):

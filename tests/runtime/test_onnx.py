@@ -9,10 +9,11 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import llmc
+from llmc.common.contract import STEP_OUTPUTS
+from llmc.common.targets import get_target
 from llmc.models import ModelConfig
 from llmc.runtime.bundle import BundleError, sha256_file
-from llmc.runtime.onnx import OUTPUT_NAMES, OnnxGraph
-from llmc.targets import get_target
+from llmc.runtime.onnx import OnnxGraph
 
 ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
               torch.bfloat16: TensorProto.BFLOAT16}
@@ -41,7 +42,7 @@ def toy_reference(w, dtype, input_ids, positions, k_cache, v_cache, block_table,
     return (hidden @ w["head"]).to(dtype), new.to(dtype), (-0.5 * new).to(dtype)
 
 
-def write_toy_onnx(path, w, dtype, output_order=OUTPUT_NAMES):
+def write_toy_onnx(path, w, dtype, output_order=STEP_OUTPUTS):
     """model.onnx + model.onnx.data (the weights as external data, as the exporter writes them; shape operands
     stay inline, where shape inference reads them) computing toy_reference."""
     t = ONNX_TYPES[dtype]
@@ -131,7 +132,7 @@ def test_matches_torch_on_random_steps(tmp_path, dtype):
         step = random_step(dtype, batch, seq)
         got = graph(*step)
         want = toy_reference(w, dtype, *step)
-        for name, g, r in zip(OUTPUT_NAMES, got, want):
+        for name, g, r in zip(STEP_OUTPUTS, got, want):
             assert g.dtype == dtype and g.shape == r.shape, name
             torch.testing.assert_close(g, r, **TOLERANCE[dtype], msg=name)
 

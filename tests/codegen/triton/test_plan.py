@@ -4,14 +4,16 @@ hook it runs the launchers under, and the shipped-kernel lookup that finds the p
 import pytest
 import torch
 
-from llmc.codegen import ops  # noqa: F401  (registers the llmc ops the test graphs call)
-from llmc.codegen import quant
+from llmc.codegen import (
+    ops,  # noqa: F401  (registers the llmc ops the test graphs call)
+    quant,
+)
 from llmc.codegen.triton import configs, hooks, launch, plan, render
 from llmc.codegen.triton.record import LibraryKernel, ShippedKernels, argument_type
+from llmc.common.targets import get_target
 from llmc.compiler import pipeline
 from llmc.compiler.trace import trace
 from llmc.models import ModelConfig, Transformer
-from llmc.targets import get_target
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN = 64, 4, 2, 16, 96
 
