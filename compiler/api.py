@@ -14,7 +14,7 @@ import llmc
 from llmc.codegen.graph_io import graph_to_json
 from llmc.common.contract import GRAPH, KV_BLOCK_SIZE, MANIFEST, ManifestError, read_manifest
 from llmc.common.targets import get_target, resolve_dtype
-from llmc.compiler import artifact, pipeline, plan
+from llmc.compiler import artifact, pipeline
 from llmc.compiler.calibration import read_calibration
 from llmc.compiler.export import export_backend
 from llmc.compiler.kernels import KernelBuild, aot_for_target
@@ -286,7 +286,7 @@ def _structure(graph: dict) -> dict:
     for name, g in graph["graphs"].items():
         names = {n["name"]: f"#{i}" for i, n in enumerate(g["nodes"]) if n["op"] not in ("placeholder", "get_attr")}
         graphs[name] = renamed(g, names)
-    # The memory plans derive from the graphs: comparing graphs is enough, and bundles without plans still bind.
+    # Bundles of older llmc carry a memory plan (graph.json "memory", no longer written): not compared.
     return {**{k: v for k, v in graph.items() if k not in ("memory", "graphs")}, "graphs": graphs}
 
 
@@ -369,7 +369,6 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     if expect_graph is not None and _structure(expect_graph) != _structure(graph):
         raise ValueError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
     tensors = collect_weights(graphs)
-    graph["memory"] = plan.plan_bundle(graphs, source.config, dtype, KV_BLOCK_SIZE, max_seq_len, tensors)
     weight_stream = sorted(tensors.items()) if source.has_weights else None
     if options.backend != "triton":  # the weights live in the ONNX model (external data): not stored twice
         weight_stream, manifest["weights_in"] = None, "onnx/model.onnx" 

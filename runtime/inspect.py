@@ -1,13 +1,17 @@
 """`llmc inspect`: what a bundle holds, in a few lines: model, target, passes, kernels, the bytes of its weights by
-storage scheme (16-bit, each quantization scheme, 2:4 sparse), and its memory plan."""
+storage scheme (16-bit, each quantization scheme, 2:4 sparse), and the memory it needs: KV cache bytes and the
+activations of the engine's largest steps, planned on demand (runtime/plan.py) for the engine's prefill chunk."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
 
+from llmc.common.contract import DEFAULT_MAX_BATCH
 from llmc.runtime.bundle import Bundle
-from llmc.runtime.kv_cache import format_bytes
+from llmc.runtime.engine import DEFAULT_PREFILL_CHUNK
+from llmc.runtime.kv_cache import block_bytes, format_bytes
+from llmc.runtime.plan import plan_bundle
 
 # Which arguments of a call hold its weight tensors, and the storage they are in.
 QUANT_ARGS = {"llmc.quant_linear.default": (1, 2, 3, 4), "llmc.quant_linear_cpu.default": (1, 2, 3, 4),
@@ -39,7 +43,7 @@ def describe(b: Bundle) -> list[str]:
                      f"{', '.join(kernels.get('archs') or ['?'])} ({kernels.get('distinct_kernels', '?')} distinct), "
                      "serving " + ", ".join(f"{graph} {n}" for graph, n in per_step.items()) + " launches per step")
     lines += weight_lines(b)
-    lines += memory_lines(b.graph.get("memory") if isinstance(b.graph, dict) else None)
+    lines += memory_lines(b)
     return lines
 
 
@@ -89,25 +93,26 @@ def weight_lines(b: Bundle) -> list[str]:
     return [f"storage     {format_bytes(total)} of tensors: " + ", ".join(parts)]
 
 
-def memory_lines(memory) -> list[str]:
-    """graph.json's "memory" section (compiler/plan.py) as inspect's lines; "?" where a hand edit broke it."""
-    if not isinstance(memory, dict):
-        return ["memory      not planned (compiled by an older llmc; recompile to see memory figures)"]
-    block = memory.get("block_size", "?")
-    lines = [f"memory      weights {format_bytes(memory.get('weight_bytes'))}; KV cache "
-             f"{format_bytes(memory.get('kv_cache_bytes_per_token'))} per token, "
-             f"{format_bytes(memory.get('kv_cache_bytes_per_block'))} per {block}-token block"]
+def memory_lines(b: Bundle, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_batch: int = DEFAULT_MAX_BATCH
+                 ) -> list[str]:
+    """Weights, KV cache per token and block, and each graph's activation peak at the engine's largest steps,
+    planned now from graph.json (runtime/plan.py); a "memory" section older bundles stored is not read (it was
+    planned for whole-prompt prefill, which the engine no longer runs)."""
+    if not isinstance(b.graph, dict) or not isinstance(b.graph.get("graphs"), dict):
+        return ["memory      ? (graph.json holds no graphs)"]
+    cfg, block, dtype = b.config, b.manifest["block_size"], getattr(torch, b.dtype)
+    per_token = block_bytes(cfg["num_layers"], 1, cfg["num_kv_heads"], cfg["head_dim"], dtype)
+    weights = sum(size for size, _ in weight_bytes_by_scheme(b.graph, b.manifest.get("weight_aliases") or {}).values())
+    lines = [f"memory      weights {format_bytes(weights)}; KV cache {format_bytes(per_token)} per token, "
+             f"{format_bytes(per_token * block)} per {block}-token block"]
     head = "activations "
-    for graph, plans in (memory.get("plans") or {}).items():
-        for p in [p for p in plans if isinstance(p, dict)] if isinstance(plans, list) else []:
-            shape = p.get("shape") or {}
-            batch, tokens, blocks = shape.get("batch", "?"), shape.get("new_tokens", "?"), shape.get("kv_blocks")
-            context = blocks * block if isinstance(blocks, int) and isinstance(block, int) else "?"
-            at = (f"{graph} batch {batch} x {tokens} tokens" if graph != "decode" else
-                  f"{graph} batch {batch}, context {context} tokens")
-            lines.append(f"{head}{at}: peak {format_bytes(p.get('peak_bytes'))} "
-                         f"({format_bytes(p.get('naive_bytes'))} without reuse)")
+    plans = plan_bundle(b.graph, cfg, dtype, block, b.manifest["max_seq_len"], prefill_chunk, max_batch)
+    for graph, shapes in plans.items():
+        for p in shapes:
+            shape = p["shape"]
+            tokens = f" x {shape['new_tokens']} tokens" if graph != "decode" else ""
+            lines.append(f"{head}{graph} batch {shape['batch']}{tokens}, context {shape['kv_blocks'] * block} "
+                         f"tokens: peak {format_bytes(p['peak_bytes'])} ({format_bytes(p['naive_bytes'])} without "
+                         "reuse)")
             head = " " * len(head)
     return lines
-
-

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 import llmc
 from llmc.common.targets import TARGETS
+from llmc.runtime.engine import DEFAULT_PREFILL_CHUNK
+from llmc.runtime.plan import plan_bundle
 from tests.conftest import TINY_SHAPE, write_tiny_hf_checkpoint
 
 MAX_SEQ_LEN = 16
@@ -111,6 +113,7 @@ def test_inspect_reports_memory(bundle):
     result = llmc_cli("inspect", bundle)
     assert result.returncode == 0, result.stderr
     figure = r"(\d+(?:\.\d+)? (?:[KMG]i)?B)"
+    context = -(-MAX_SEQ_LEN // 16) * 16  # whole KV blocks
     memory = re.search(rf"^memory\s+weights {figure}; KV cache {figure} per token, {figure} per 16-token block$",
                        result.stdout, re.MULTILINE)
     assert memory, result.stdout
@@ -121,30 +124,41 @@ def test_inspect_reports_memory(bundle):
     per_token = 2 * TINY_SHAPE["num_hidden_layers"] * TINY_SHAPE["num_key_value_heads"] * TINY_SHAPE["head_dim"] * 4
     assert_bytes(memory[2], per_token)
     assert_bytes(memory[3], per_token * 16)
-    rows = re.findall(rf"^(?:activations)?\s+(prefill batch 1 x {MAX_SEQ_LEN} tokens|decode batch \d+, context "
-                      rf"{MAX_SEQ_LEN} tokens): peak {figure} \({figure} without reuse\)$", result.stdout, re.MULTILINE)
+    rows = re.findall(rf"^(?:activations)?\s+((?:prefill|decode) batch \d+(?: x \d+ tokens)?, context "
+                      rf"{context} tokens): peak {figure} \({figure} without reuse\)$", result.stdout, re.MULTILINE)
     shapes = [shape for shape, _, _ in rows]
-    assert shapes == [f"prefill batch 1 x {MAX_SEQ_LEN} tokens", f"decode batch 1, context {MAX_SEQ_LEN} tokens",
-                      f"decode batch 32, context {MAX_SEQ_LEN} tokens"], result.stdout
-    plans = json.loads((bundle / "graph.json").read_text())["memory"]["plans"]
+    assert shapes == [f"prefill batch 1 x {MAX_SEQ_LEN} tokens, context {context} tokens",
+                      f"prefill batch 32 x {MAX_SEQ_LEN} tokens, context {context} tokens",
+                      f"decode batch 1, context {context} tokens", f"decode batch 32, context {context} tokens"], \
+        result.stdout
+    # planned on the spot, at the engine's prefill chunk (longer than MAX_SEQ_LEN: a prompt is one chunk here)
+    graph, manifest = (json.loads((bundle / name).read_text()) for name in ("graph.json", "manifest.json"))
+    assert "memory" not in graph  # compile no longer stores a plan
+    plans = plan_bundle(graph, manifest["model"], torch.float32, 16, MAX_SEQ_LEN, DEFAULT_PREFILL_CHUNK)
     for (_, peak, naive), plan in zip(rows, [*plans["prefill"], *plans["decode"]]):
         assert_bytes(peak, plan["peak_bytes"])
         assert_bytes(naive, plan["naive_bytes"])
-        assert plan["peak_bytes"] < plan["naive_bytes"]
-    # Decode at batch 32 holds 32 rows of logits at the end: a floor no plan can go under.
-    assert plans["decode"][1]["peak_bytes"] >= 32 * TINY_SHAPE["vocab_size"] * 4
 
 
-def test_inspect_of_a_bundle_without_a_memory_plan_says_to_recompile(bundle, tmp_path):
+def test_an_old_bundle_with_a_stored_memory_plan_loads_and_inspects(bundle, tmp_path):
+    """Bundles of older llmc carry graph.json "memory" (planned for whole-prompt prefill): still read, not used."""
+    from llmc.common.contract import sha256_file
+
     old = tmp_path / "old.llmc"
     shutil.copytree(bundle, old)
     graph = json.loads((old / "graph.json").read_text())
-    del graph["memory"]
+    graph["memory"] = {"weight_bytes": 1, "plans": {"prefill": [{"shape": {"batch": 1, "new_tokens": 7, "kv_blocks": 1},
+                                                                 "peak_bytes": 3, "naive_bytes": 5}]}}
     (old / "graph.json").write_text(json.dumps(graph))
-    result = llmc_cli("inspect", old)
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^memory\s+not planned .*recompile", result.stdout, re.MULTILINE), result.stdout
-    assert "activations" not in result.stdout
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"]["graph.json"] = sha256_file(old / "graph.json")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert llmc_cli("verify", old).returncode == 0
+    fresh, stale = llmc_cli("inspect", bundle), llmc_cli("inspect", old)
+    assert stale.returncode == 0, stale.stderr
+    assert [line for line in stale.stdout.splitlines() if not line.startswith("bundle")] == \
+        [line for line in fresh.stdout.splitlines() if not line.startswith("bundle")]
+    assert llmc.load(old).generate([random_prompt(3)], max_new_tokens=2)
 
 
 def test_verify_accepts_an_untouched_bundle(bundle):

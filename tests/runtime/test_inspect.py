@@ -1,10 +1,13 @@
-"""llmc inspect's storage line: the bytes of a bundle's tensors by storage scheme, from graph.json's shapes."""
+"""llmc inspect's storage line (the bytes of a bundle's tensors by storage scheme, from graph.json's shapes) and its
+activation lines (planned on the spot at the engine's prefill chunk)."""
 import json
 
 import pytest
 
 import llmc
+from llmc.common.contract import KV_BLOCK_SIZE
 from llmc.runtime.bundle import open_bundle
+from llmc.runtime.engine import DEFAULT_PREFILL_CHUNK
 from llmc.runtime.inspect import describe, weight_bytes_by_scheme
 
 
@@ -36,3 +39,18 @@ def test_tied_weights_are_counted_once():
     assert weight_bytes_by_scheme(graph, {}) == {"bfloat16": [128, 0]}
     assert weight_bytes_by_scheme(graph, {"lm_head": "embed"}) == {"bfloat16": [64, 0]}
     assert json.dumps(weight_bytes_by_scheme({"graphs": {}}, {})) == "{}"
+
+
+def test_activations_are_planned_at_the_engines_prefill_chunk(module_hf_checkpoint, tmp_path):
+    """A prompt longer than the engine's chunk is prefilled a chunk at a time: that is the step inspect sizes."""
+    max_seq_len = DEFAULT_PREFILL_CHUNK + 2 * KV_BLOCK_SIZE + 3
+    ckpt = module_hf_checkpoint("qwen3", max_position_embeddings=2 * DEFAULT_PREFILL_CHUNK)
+    path = llmc.compile(ckpt.path, target="cpu", dtype="float32", max_seq_len=max_seq_len, out=tmp_path / "long.llmc")
+    bundle = open_bundle(path, verify_hashes=False)
+    assert "memory" not in bundle.graph  # compile stores no plan
+    context = -(-max_seq_len // KV_BLOCK_SIZE) * KV_BLOCK_SIZE
+    lines = [line.split(":")[0].removeprefix("activations").strip() for line in describe(bundle)
+             if "without reuse" in line]
+    assert lines == [f"prefill batch 1 x {DEFAULT_PREFILL_CHUNK} tokens, context {context} tokens",
+                     f"prefill batch 32 x {DEFAULT_PREFILL_CHUNK} tokens, context {context} tokens",
+                     f"decode batch 1, context {context} tokens", f"decode batch 32, context {context} tokens"]

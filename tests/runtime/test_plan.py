@@ -1,7 +1,8 @@
 """The activation memory plan: exact live ranges on a hand-built graph, the arena invariants on random
 intervals and random graphs, and the plan executed for real: every planned buffer is moved into one arena at
 its offset while the graph runs, and the outputs must match a plain run (a wrong live range or offset lets a
-later buffer overwrite a live one, which changes the outputs; the sabotage test shows it does).
+later buffer overwrite a live one, which changes the outputs; the sabotage test shows it does); and a bundle's
+graphs planned at the engine's steps, as `llmc inspect` shows them.
 """
 from __future__ import annotations
 
@@ -13,26 +14,21 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from llmc.common.contract import KV_BLOCK_SIZE
+from llmc.codegen.graph_io import graph_to_json
+from llmc.common.contract import DEFAULT_MAX_BATCH, KV_BLOCK_SIZE
 from llmc.common.targets import get_target
 from llmc.compiler import pipeline
-from llmc.compiler.api import check_inputs, collect_weights
-from llmc.compiler.plan import (
-    ALIGNMENT,
-    DECODE_BATCHES,
-    Buffer,
-    MemoryPlan,
-    assign_offsets,
-    liveness,
-    plan_bundle,
-    plan_memory,
-)
+from llmc.compiler.api import check_inputs
 from llmc.compiler.trace import trace
 from llmc.models import Transformer
+from llmc.runtime.engine import DEFAULT_PREFILL_CHUNK
+from llmc.runtime.plan import (ALIGNMENT, Buffer, MemoryPlan, PlanningShape, assign_offsets, liveness, plan_bundle,
+                               plan_memory, step_inputs)
 from tests.conftest import randomize_parameters_, tiny_config
 
 aten = torch.ops.aten
-MAX_SEQ_LEN = 40
+# Longer than the engine's prefill chunk, so that a prompt of MAX_SEQ_LEN tokens takes two prefill steps.
+MAX_SEQ_LEN = DEFAULT_PREFILL_CHUNK + 2 * KV_BLOCK_SIZE + 3
 # Activations of all layers add up without reuse and not with it: a few layers show the gap.
 LAYERS = 4
 
@@ -212,7 +208,7 @@ def test_random_graphs_run_correctly_from_their_arena(rng):
 @pytest.fixture(scope="module")
 def tiny_graphs():
     """(model, traced graphs after the default passes) at the tests' tiny shape, with random weights."""
-    model = Transformer(tiny_config(num_layers=LAYERS))
+    model = Transformer(tiny_config(num_layers=LAYERS, max_position_embeddings=2 * DEFAULT_PREFILL_CHUNK))
     randomize_parameters_(model)
     graphs = trace(model.eval(), KV_BLOCK_SIZE)
     ctx = pipeline.PassContext(target=get_target("cpu"), dtype="float32", max_seq_len=MAX_SEQ_LEN)
@@ -247,22 +243,29 @@ def test_an_arena_without_reuse_planning_corrupts_the_outputs(tiny_graphs):
         assert_arena_run_matches(gm, inputs, collapsed)
 
 
-def test_bundle_section_plans_each_graph_at_its_shapes(tiny_graphs):
+def test_a_bundle_is_planned_at_the_engines_prefill_chunk(tiny_graphs):
+    """plan_bundle (what llmc inspect shows) plans graph.json's graphs at the engine's steps: prefill one chunk,
+    decode one token, each at batch 1 and the largest batch, over a max_seq_len context."""
     model, graphs = tiny_graphs
-    cfg = model.config
-    memory = plan_bundle(graphs, cfg, torch.float32, KV_BLOCK_SIZE, MAX_SEQ_LEN, collect_weights(graphs))
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
-    assert memory["kv_cache_bytes_per_token"] == per_token
-    assert memory["kv_cache_bytes_per_block"] == per_token * KV_BLOCK_SIZE
+    cfg = model.config.to_dict()
+    graph = {"graphs": {t.name: graph_to_json(t.gm) for t in graphs}}  # as compile writes graph.json
+    plans = plan_bundle(graph, cfg, torch.float32, KV_BLOCK_SIZE, MAX_SEQ_LEN, DEFAULT_PREFILL_CHUNK)
     blocks = -(-MAX_SEQ_LEN // KV_BLOCK_SIZE)
-    assert [p["shape"] for p in memory["plans"]["prefill"]] == [{"batch": 1, "new_tokens": MAX_SEQ_LEN,
-                                                                   "kv_blocks": 1}]
-    assert [p["shape"] for p in memory["plans"]["decode"]] == [{"batch": b, "new_tokens": 1, "kv_blocks": blocks}
-                                                                for b in DECODE_BATCHES]
-    small, large = memory["plans"]["decode"]
-    assert small["peak_bytes"] < large["peak_bytes"]
-    # The logits of the largest decode batch are an output: no plan can hold less.
-    assert large["peak_bytes"] >= DECODE_BATCHES[-1] * cfg.vocab_size * 4
-    for plans in memory["plans"].values():
-        for p in plans:
+    for name, tokens in [("prefill", DEFAULT_PREFILL_CHUNK), ("decode", 1)]:
+        assert [p["shape"] for p in plans[name]] == [{"batch": b, "new_tokens": tokens, "kv_blocks": blocks}
+                                                      for b in (1, DEFAULT_MAX_BATCH)]
+        small, large = plans[name]
+        assert small["peak_bytes"] < large["peak_bytes"]
+        for p in plans[name]:
             assert p["live_bytes"] <= p["peak_bytes"] < p["naive_bytes"]
+        # graph.json's rebuilt graph plans as the traced one does
+        gm = next(t.gm for t in graphs if t.name == name)
+        shape = plans[name][0]["shape"]
+        expected = plan_memory(gm, step_inputs(cfg, KV_BLOCK_SIZE, torch.float32, PlanningShape(**shape)))
+        assert small == {"shape": shape, **expected.to_dict()}
+    # The logits of the largest decode batch are an output: no plan can hold less.
+    assert plans["decode"][1]["peak_bytes"] >= DEFAULT_MAX_BATCH * cfg["vocab_size"] * 4
+    # A chunk needs less than the whole prompt in one step, which the engine no longer runs.
+    whole = plan_bundle(graph, cfg, torch.float32, KV_BLOCK_SIZE, MAX_SEQ_LEN, MAX_SEQ_LEN)
+    assert whole["prefill"][0]["shape"]["new_tokens"] == MAX_SEQ_LEN
+    assert plans["prefill"][0]["peak_bytes"] < whole["prefill"][0]["peak_bytes"]

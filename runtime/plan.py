@@ -16,16 +16,16 @@ smallest gap between already placed buffers whose lives overlap its own, else ab
 up to ALIGNMENT bytes. An op's own scratch space (SDPA's score matrix inside the kernel) is not visible in
 the graph and not planned.
 
-Planning shapes. Decode: batch B (1 and the runtime's default largest batch), one new token, a block table
-spanning max_seq_len tokens (the longest context a sequence reaches). Prefill: one prompt of max_seq_len
-tokens with nothing cached (the runtime prefills a whole prompt in one step and gives a cold prompt a
-one-block table). A prefill over a cached prefix has fewer new tokens and attends over at most one block
-more, so the cold full-length prompt bounds every single-sequence prefill; a batch of prompts prefilled
-together needs up to that times the batch.
+Planning shapes: the steps the engine (runtime/engine.py) runs at its limits. Prefill: batch B (1 and the
+largest batch) of one chunk each (the engine's prefill chunk: a longer prompt takes several steps), each over a
+block table spanning max_seq_len tokens (the last chunk of the longest prompt attends over all of it, and no
+chunk has more new tokens or more past). Decode: batch B, one new token, the same block table.
 
-Who uses it: the runtime today runs graphs with an FX interpreter that frees each value after its last use,
-so torch's allocator reuses memory by itself; the plan is the figure a host sizes its memory from (`llmc
-inspect` shows it) and the layout a future arena executor allocates once and reuses every step.
+Who uses it: `llmc inspect` computes it on demand from the bundle's graph.json (no weights read) for the engine's
+prefill chunk and largest batch; compiling no longer stores it (bundles of older llmc carry a graph.json
+"memory" section planned for whole-prompt prefill, which nothing reads). The runtime runs graphs with an FX
+interpreter that frees each value after its last use, so torch's allocator reuses memory by itself; the plan is
+the figure a host sizes its memory from, and the layout a future arena executor would allocate once.
 """
 from __future__ import annotations
 
@@ -40,12 +40,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
-from llmc.compiler.trace import Traced
-from llmc.models import ModelConfig
+from llmc.codegen import ops  # noqa: F401  (registers the llmc:: ops graph.json names)
+from llmc.codegen.graph_io import graph_from_json
+from llmc.common.contract import DEFAULT_MAX_BATCH
 
 ALIGNMENT = 256  # bytes: what cudaMalloc guarantees, so any kernel may assume it of an arena slice
-# The runtime's default largest decode batch (runtime/engine.py load(max_batch=32)); keep the two in step.
-DECODE_BATCHES = (1, 32)
 PLAN_DEVICE = torch.device("cpu")  # sizes do not depend on the device; fake tensors never allocate
 
 
@@ -194,9 +193,11 @@ def plan_memory(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], alignment: i
     return MemoryPlan(buffers, peak, sum(b.size for b in buffers), largest_live_set(buffers))
 
 
-def step_inputs(config: ModelConfig, block_size: int, dtype: torch.dtype, shape: PlanningShape) -> tuple:
-    """Meta tensors shaped like one paged step's inputs (compiler/trace.py INPUT_NAMES) at `shape`."""
-    cache = (config.num_layers, shape.batch * shape.kv_blocks, block_size, config.num_kv_heads, config.head_dim)
+def step_inputs(config: dict, block_size: int, dtype: torch.dtype, shape: PlanningShape) -> tuple:
+    """Meta tensors shaped like one paged step's inputs (common/contract.py STEP_INPUTS) at `shape`; `config` is
+    the manifest's model section."""
+    cache = (config["num_layers"], shape.batch * shape.kv_blocks, block_size, config["num_kv_heads"],
+             config["head_dim"])
     with torch.device("meta"):
         tokens = torch.empty(shape.batch, shape.new_tokens, dtype=torch.long)
         return (tokens, torch.empty_like(tokens), torch.empty(cache, dtype=dtype), torch.empty(cache, dtype=dtype),
@@ -205,35 +206,31 @@ def step_inputs(config: ModelConfig, block_size: int, dtype: torch.dtype, shape:
                 torch.empty_like(tokens))
 
 
-def planning_shapes(graph_name: str, max_seq_len: int, block_size: int) -> list[PlanningShape]:
+def planning_shapes(graph_name: str, max_seq_len: int, block_size: int, prefill_chunk: int,
+                    max_batch: int = DEFAULT_MAX_BATCH) -> list[PlanningShape]:
     """The shapes a bundle's graph is planned for (see the module docstring for why these)."""
-    if graph_name == "prefill":
-        return [PlanningShape(batch=1, new_tokens=max_seq_len, kv_blocks=1)]
-    if graph_name == "decode":
-        return [PlanningShape(batch=b, new_tokens=1, kv_blocks=math.ceil(max_seq_len / block_size))
-                for b in DECODE_BATCHES]
-    raise ValueError(f"no planning shape for graph {graph_name!r}: add one to compiler/plan.py planning_shapes")
+    blocks = math.ceil(max_seq_len / block_size)
+    new_tokens = {"prefill": min(prefill_chunk, max_seq_len), "decode": 1}.get(graph_name)
+    if new_tokens is None:
+        raise ValueError(f"no planning shape for graph {graph_name!r}: add one to runtime/plan.py planning_shapes")
+    return [PlanningShape(batch=b, new_tokens=new_tokens, kv_blocks=blocks) for b in sorted({1, max_batch})]
 
 
-def kv_cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Keys and values of every layer for one token."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+def meta_weights(graph: dict) -> dict[str, torch.Tensor]:
+    """A meta tensor for every get_attr of graph.json's graphs, from the shape and dtype recorded there."""
+    return {n["target"]: torch.empty(n["shape"], dtype=getattr(torch, n["dtype"]), device="meta")
+            for g in graph["graphs"].values() for n in g["nodes"] if n["op"] == "get_attr"}
 
 
-def plan_bundle(graphs: Iterable[Traced], config: ModelConfig, dtype: torch.dtype, block_size: int, max_seq_len: int,
-                weights: dict[str, torch.Tensor]) -> dict:
-    """graph.json's "memory" section: weight and KV cache bytes, and each graph's plans at its shapes.
-
-    `graphs` are compiler/trace.py Traced graphs after passes; `weights` every tensor they read
-    (compiler/api.py collect_weights), counted once each.
-    """
+def plan_bundle(graph: dict, config: dict, dtype: torch.dtype, block_size: int, max_seq_len: int,
+                prefill_chunk: int, max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, list[dict]]:
+    """{graph name: [{"shape": PlanningShape as a dict, **MemoryPlan.to_dict()}, ...]} for a bundle's graph.json
+    (`graph`) and the manifest's model section (`config`), at the shapes of planning_shapes; reads no weights."""
+    tensors = meta_weights(graph)
     plans = {}
-    for t in graphs:
-        plans[t.name] = [{"shape": asdict(shape),
-                          **plan_memory(t.gm, step_inputs(config, block_size, dtype, shape)).to_dict()}
-                         for shape in planning_shapes(t.name, max_seq_len, block_size)]
-    per_token = kv_cache_bytes_per_token(config, dtype)
-    distinct = {id(w): w for w in weights.values()}  # a tensor under two names is stored once
-    return {"weight_bytes": sum(w.numel() * w.element_size() for w in distinct.values()),
-            "kv_cache_bytes_per_token": per_token, "kv_cache_bytes_per_block": per_token * block_size,
-            "block_size": block_size, "plans": plans}
+    for name, g in graph["graphs"].items():
+        gm = graph_from_json(g, tensors, "cpu")
+        plans[name] = [{"shape": asdict(shape),
+                        **plan_memory(gm, step_inputs(config, block_size, dtype, shape)).to_dict()}
+                       for shape in planning_shapes(name, max_seq_len, block_size, prefill_chunk, max_batch)]
+    return plans
