@@ -1,7 +1,6 @@
 """The compile entry: model source -> traced graphs -> pass pipeline -> bundle on disk."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import time
@@ -21,9 +20,9 @@ from llmc.compiler.kernels import KernelBuild, aot_for_target
 from llmc.compiler.source import ModelSource, resolve
 from llmc.compiler.trace import Traced, cache_slots, example_inputs, share_weights, trace, unbind_weights
 from llmc.models import ModelConfig, Transformer
+from llmc.passes.options import CompileOptions
 
 DEFAULT_MAX_SEQ_LEN = 4096
-BACKENDS = ("triton", "onnx", "tensorrt")
 
 
 @dataclass
@@ -104,131 +103,44 @@ def collect_weights(graphs) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@dataclass
-class Options:
-    """What changes the computed function beyond the model and dtype: recorded in the manifest, replayed by bind."""
+def compile(model: str | Path, target: str | None = None, out: str | Path | None = None, *,
+            weights: str | Path | None = None, progress: bool = False, overwrite: bool = True,
+            options: CompileOptions | None = None, **flags) -> Path:
+    """Compiles MODEL (registry name, "llmc-tiny", a checkpoint directory or a GGUF file) for TARGET (default cpu)
+    into a bundle directory.
 
-    sliding_window: int = 0  # N > 0: every attention sees only the last N positions (block_attention)
-    backend: str = "triton"  # triton (graph.json + Triton kernels) | onnx | tensorrt
-    quant: object = None  # passes/quant_config.py config or QuantPolicy; None = none
-    sparsity: object = None  # passes/sparsify.py SparsityConfig; None = none
-    attention_keep: float = 0.0  # block-sparse attention: fraction of key blocks kept per query block; 0 = dense
-    attention_block: int = 64
-    calibration: str | Path | None = None  # text file for calibration-aware quantization and pruning
-
-    def to_manifest(self) -> dict:
-        from llmc.passes.quant_config import config_to_dict
-
-        return {"sliding_window": self.sliding_window, "backend": self.backend,
-                "quant": config_to_dict(self.quant) if self.quant is not None else None,
-                "sparsity": self.sparsity.to_dict() if self.sparsity is not None else None,
-                "attention_sparsity": ({"keep": self.attention_keep, "block": self.attention_block}
-                                       if 0 < self.attention_keep < 1 else None)}
-
-
-def compile(model: str | Path, target: str = "cpu", out: str | Path | None = None, *, weights: str | Path | None = None,
-            dtype: str | None = None, passes: str | list[str] | None = None, max_seq_len: int | None = None,
-            check_passes: bool = False, progress: bool = False, overwrite: bool = True,
-            sliding_window: int = 0, backend: str = "triton", quant: str | None = None,
-            quant_policy: str | Path | None = None, calibration: str | Path | None = None,
-            sparsity: str | None = None, attention_keep: float = 0.0, attention_block: int = 64,
-            quant_group_size: int | None = None) -> Path:
-    """Compiles MODEL (registry name, "llmc-tiny", or a checkpoint directory) for TARGET into a bundle directory.
-
-    sliding_window: N > 0 makes every attention see only the last N positions (block_attention's window).
-    backend: "triton" (default), "onnx" (an ONNX model run by onnxruntime) or "tensorrt" (that ONNX plus TensorRT
-    builder settings; the engine is built on the GPU host). quant: a scheme name (fp8, int8, int4, int4-awq, w4a8,
-    mixed, ...) or quant_policy: a TOML policy file; calibration: a text file for SmoothQuant / AWQ / Wanda.
-    sparsity: "2:4" prunes the linear layers the policy names (default: attention and feed-forward).
-    attention_keep: in (0, 1), block-sparse attention keeping that fraction of key blocks (attention_block tokens).
+    The compile's options are one CompileOptions (passes/options.py): `options=`, or its flags as keywords, the
+    command line's spellings (CompileOptions.from_flags): dtype, passes, max_seq_len, check_passes,
+    sliding_window (N > 0: every attention sees only the last N positions), backend ("triton", "onnx" run by
+    onnxruntime, "tensorrt": that ONNX plus TensorRT builder settings, the engine built on the GPU host), quant (a
+    scheme name: fp8, int8, int8-w8a16, int4, int4-awq, w4a8, mixed, ...) or quant_policy (a TOML policy file),
+    quant_group_size, calibration (a text file for SmoothQuant / AWQ / Wanda), sparsity ("2:4"), attention_keep
+    (in (0, 1): block-sparse attention keeping that fraction of key blocks of attention_block tokens).
     """
-    tgt = get_target(target)
+    if options is None:
+        options = CompileOptions.from_flags(target=target or "cpu", **flags)
+    elif flags or target is not None:
+        raise TypeError("llmc.compile takes options= or the options as keywords, not both")
+    tgt = get_target(options.target)
     # onnxruntime's CPU provider has few bf16 kernels: an ONNX bundle for a CPU stays float32 unless asked.
-    onnx_on_cpu = backend == "onnx" and tgt.arch == "cpu" and dtype is None
-    dtype_name = "float32" if onnx_on_cpu else resolve_dtype(tgt, dtype)
+    onnx_on_cpu = options.backend == "onnx" and tgt.arch == "cpu" and options.dtype is None
+    dtype_name = "float32" if onnx_on_cpu else resolve_dtype(tgt, options.dtype)
     source = resolve(model, weights)
-    if max_seq_len is None:
-        max_seq_len = min(source.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    if max_seq_len < 1 or max_seq_len > source.config.max_position_embeddings:
+    max_seq_len = options.max_seq_len or min(source.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if max_seq_len > source.config.max_position_embeddings:
         raise ValueError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
+    passes = options.passes
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
-    options = lossy_options(names, check_passes, sliding_window=sliding_window, backend=backend, quant=quant,
-                            quant_policy=quant_policy, calibration=calibration, sparsity=sparsity,
-                            attention_keep=attention_keep, attention_block=attention_block,
-                            group_size=quant_group_size)
+    options.check_pass_names(names)
     if options.backend != "triton":
         names = [n for n in names if n not in ("fuse_kv_write", "lower_cpu")]  # ONNX: keys returned, reference ops only
-    if (check_passes or options.backend != "triton" or options.calibration) and not source.has_weights:
-        what = ("--check-passes runs the graphs" if check_passes else
+    if (options.check_passes or options.backend != "triton" or options.calibration) and not source.has_weights:
+        what = ("--check-passes runs the graphs" if options.check_passes else
                 f"--backend {options.backend} validates the export" if options.backend != "triton" else "--calibration")
         raise ValueError(f"{what} and needs weights: give a checkpoint or --weights DIR")
     out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
     artifact.check_destination(out, overwrite)
-    return _build(source, tgt, dtype_name, max_seq_len, names, out, check_passes, progress, overwrite,
-                  options=options)
-
-
-def lossy_options(names: list[str], check_passes: bool, *, sliding_window=0, backend="triton", quant=None,
-                  quant_policy=None, calibration=None, sparsity=None, attention_keep=0.0, attention_block=64,
-                  group_size=None) -> Options:
-    """Checks the options that change the computed function and resolves the quantization and sparsity configs."""
-    from llmc.passes.quant_config import QuantPolicy, config_for_scheme, load_policy
-    from llmc.passes.sparsify import SparsityConfig
-
-    _check_sliding_window(sliding_window, names, check_passes)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown --backend {backend!r}; one of {', '.join(BACKENDS)}")
-    if quant is not None and quant_policy is not None:
-        raise ValueError("give --quant SCHEME or --quant-policy FILE, not both (a policy names its schemes)")
-    config = load_policy(quant_policy) if quant_policy is not None else config_for_scheme(quant) if quant else None
-    if group_size is not None:
-        config = _with_group_size(config, group_size)
-    method = "wanda" if calibration else "magnitude"  # calibration-aware pruning whenever there is a calibration set
-    sparse = SparsityConfig.from_policy(config, method) if isinstance(config, QuantPolicy) else None
-    if sparsity not in (None, "none"):
-        if sparsity != "2:4":
-            raise ValueError(f"--sparsity {sparsity!r} is not supported; the one structured pattern is 2:4")
-        if quant is not None:
-            raise ValueError("--sparsity 2:4 and --quant would claim the same layers (llmc applies one per layer): "
-                             "give a --quant-policy naming which layer kinds get which")
-        sparse = sparse or SparsityConfig(method=method)
-    if not 0.0 <= attention_keep <= 1.0:
-        raise ValueError(f"--attention-keep must be in [0, 1] (0 or 1 = dense attention), got {attention_keep}")
-    if attention_block < 1:
-        raise ValueError(f"--attention-block must be at least 1, got {attention_block}")
-    lossy = config is not None or sparse is not None or 0 < attention_keep < 1
-    if lossy and check_passes:
-        raise ValueError("--check-passes compares every pass with the unpassed graph at rounding tolerance, which "
-                         "quantization and sparsity exceed on purpose: judge them with llmc eval instead")
-    if 0 < attention_keep < 1 and "block_attention" not in names:
-        raise ValueError("--attention-keep is applied by the block_attention pass: do not exclude it with --passes")
-    return Options(sliding_window=sliding_window, backend=backend, quant=config, sparsity=sparse,
-                   attention_keep=attention_keep, attention_block=attention_block, calibration=calibration)
-
-
-def _with_group_size(config, group_size: int):
-    """config (or every rule of a policy) with int4 groups of group_size."""
-    from llmc.passes.quant_config import QuantPolicy
-
-    if isinstance(config, QuantPolicy):
-        if not any(hasattr(c, "group_size") for c in config.rules.values()):
-            raise ValueError("--quant-group-size: this policy has no int4 rule to apply it to")
-        rules = {kind: _with_group_size(c, group_size) if hasattr(c, "group_size") else c
-                 for kind, c in config.rules.items()}
-        return dataclasses.replace(config, rules=rules)
-    if not hasattr(config, "group_size"):
-        raise ValueError("--quant-group-size applies to the int4 schemes (int4, int4-awq, w4a8, mixed)")
-    return dataclasses.replace(config, group_size=group_size)
-
-
-def _check_sliding_window(window, names: list[str], check_passes: bool) -> None:
-    if not isinstance(window, int) or window < 0:
-        raise ValueError(f"--sliding-window must be a whole number >= 0 (0 = full attention), got {window!r}")
-    if window and "block_attention" not in names:
-        raise ValueError("--sliding-window is applied by the block_attention pass: do not exclude it with --passes")
-    if window and check_passes:
-        raise ValueError("--check-passes compares with the unpassed full-attention graphs, which --sliding-window "
-                         "changes on purpose: use one or the other")
+    return _build(source, tgt, dtype_name, max_seq_len, names, out, progress, overwrite, options=options)
 
 
 def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None, progress: bool = False) -> Path:
@@ -253,20 +165,10 @@ def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None,
     names = list(dict.fromkeys(p["name"] for p in manifest.passes if p["graph"] == "prefill"))
     old_graph = json.loads((bundle / GRAPH).read_text())
     out = Path(out) if out else bundle
-    path = _build(source, get_target(manifest.target["name"]), manifest.dtype, manifest.max_seq_len, names,
-                  out, False, progress, True, expect_graph=old_graph, options=options_from_manifest(manifest.to_json()))
+    options = CompileOptions.from_manifest(manifest.to_json())
+    path = _build(source, get_target(options.target), options.dtype, options.max_seq_len, names, out, progress, True,
+                  expect_graph=old_graph, options=options)
     return path
-
-
-def options_from_manifest(manifest: dict) -> Options:
-    from llmc.passes.quant_config import config_from_dict
-    from llmc.passes.sparsify import SparsityConfig
-
-    attention = manifest.get("attention_sparsity") or {}
-    return Options(sliding_window=manifest.get("sliding_window", 0), backend=manifest.get("backend", "triton"),
-                   quant=config_from_dict(manifest["quant"]) if manifest.get("quant") else None,
-                   sparsity=SparsityConfig.from_dict(manifest["sparsity"]) if manifest.get("sparsity") else None,
-                   attention_keep=attention.get("keep", 0.0), attention_block=attention.get("block", 64))
 
 
 def _structure(graph: dict) -> dict:
@@ -301,9 +203,11 @@ def _decode_with_weights(net: Transformer, source: ModelSource, dtype: torch.dty
     return decode, report
 
 
-def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: list[str], out: Path, check: bool,
-           progress: bool, overwrite: bool, expect_graph: dict | None = None, options: Options | None = None) -> Path:
+def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: list[str], out: Path, progress: bool,
+           overwrite: bool, expect_graph: dict | None = None, options: CompileOptions | None = None) -> Path:
     t0 = time.perf_counter()
+    options = options or CompileOptions()
+    check = options.check_passes
     report = CompileReport(source.name, tgt.name, dtype_name)
     dtype = getattr(torch, dtype_name)
     net = meta_model(source, dtype)
@@ -313,15 +217,12 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
     graphs = trace(net, KV_BLOCK_SIZE, weights)
     samples = {t.name: check_inputs(net, t.name, max_seq_len) for t in graphs} if check else {}
     t2 = time.perf_counter()
-    options = options or Options()
     calibration = None
     if options.calibration is not None:
         calibration = read_calibration(options.calibration, source.tokenizer_dir, source.config, dtype, KV_BLOCK_SIZE,
                                        max_seq_len)
-    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len,
-                               sliding_window=options.sliding_window, attention_keep=options.attention_keep,
-                               attention_block=options.attention_block, quant=options.quant,
-                               sparsity=options.sparsity, calibration=calibration.inputs if calibration else None)
+    ctx = pipeline.PassContext(target=tgt, dtype=dtype_name, max_seq_len=max_seq_len, options=options,
+                               calibration=calibration.inputs if calibration else None)
     # One copy of the weights: the decode graph's passes run on meta weights and it then reads the prefill graph's
     # tensors by name, so the prefill graph's references are the only ones and the passes free each weight they
     # replace as they go. Not when checked (the check runs the graph) nor calibrated (the prefill graph's statistics

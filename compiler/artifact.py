@@ -26,20 +26,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 # The format's names, fields and hashing are the contract's, which the reader (runtime/bundle.py) uses too.
-from llmc.common.contract import (
-    FORMAT,
-    FORMAT_VERSION,
-    GRAPH,
-    KERNELS_DIR,
-    MANIFEST,
-    REQUIRED,
-    TOKENIZER_DIR,
-    TOKENIZER_FILES,
-    WEIGHTS_DIR,
-    Manifest,
-    ManifestError,
-    sha256_file,
-)
+from llmc.common.contract import (FORMAT, FORMAT_VERSION, GRAPH, KERNELS_DIR, MANIFEST, REQUIRED, TOKENIZER_DIR,
+                                  TOKENIZER_FILES, WEIGHTS_DIR, Manifest, ManifestError, sha256_file)
 from llmc.common.targets import Target, resolve_dtype
 
 

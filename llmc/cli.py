@@ -8,21 +8,19 @@ import sys
 import time
 import warnings
 
+from llmc.passes.options import BACKENDS
+
 
 def _compile(a) -> None:
     import llmc
     from llmc.compiler.api import compile
+    from llmc.passes.options import CompileOptions
 
-    if a.max_seq_len is not None and a.max_seq_len < 1:
-        raise ValueError(f"--max-seq-len must be at least 1, got {a.max_seq_len}")
     t = time.perf_counter()
+    options = CompileOptions.from_flags(**{name: getattr(a, name) for name in CompileOptions.flag_names()})
     weights = False if a.no_weights else a.weights
     # Progress bars only on a terminal: in a log or a pipe their carriage returns are noise around the result.
-    out = compile(a.model, a.target, a.output, weights=weights, dtype=a.dtype, passes=a.passes,
-                  max_seq_len=a.max_seq_len, check_passes=a.check_passes, progress=sys.stderr.isatty(),
-                  sliding_window=a.sliding_window, backend=a.backend, quant=a.quant, quant_policy=a.quant_policy,
-                  calibration=a.calibration, sparsity=a.sparsity, attention_keep=a.attention_keep,
-                  attention_block=a.attention_block, quant_group_size=a.quant_group_size)
+    out = compile(a.model, out=a.output, weights=weights, progress=sys.stderr.isatty(), options=options)
     report = llmc.last_report()
     if a.explain:
         print(report.format())
@@ -236,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--max-seq-len", type=int, help="longest prompt + generation the bundle serves")
     c.add_argument("--sliding-window", type=int, default=0, metavar="N",
                    help="attention sees only the last N positions (default 0: full attention)")
-    c.add_argument("--backend", default="triton", choices=["triton", "onnx", "tensorrt"],
+    c.add_argument("--backend", default="triton", choices=BACKENDS,
                    help="triton (default): graph + Triton kernels; onnx: an ONNX model for onnxruntime; tensorrt: "
                         "that ONNX + TensorRT build settings (engine built on the GPU host: llmc build-engine)")
     c.add_argument("--quant", metavar="SCHEME",

@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 from torch.utils import _pytree as pytree
 
+from .options import CompileOptions
 from .strip_asserts import remove_assertions
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,12 +43,9 @@ class PassContext:
     target: Any = None
     dtype: torch.dtype | None = None  # a name ("bfloat16") is accepted and turned into the torch.dtype
     max_seq_len: int | None = None  # the bundle's longest sequence: the length of tables folded at compile time
-    sliding_window: int = 0  # attend to the last N positions only (block_attention); 0 = full attention
-    # Attention sparsity (block_attention): the fraction of key blocks each query block keeps; 0 = dense.
-    attention_keep: float = 0.0
-    attention_block: int = 64  # tokens per query block and per key block of that selection
-    quant: Any = None  # the quantization config or policy passes/quantize.py applies; None = none
-    sparsity: Any = None  # the structured-sparsity config passes/sparsify.py applies; None = none
+    # The compile's options (passes/options.py): sliding window and attention sparsity (block_attention), the
+    # quantization config or policy (quantize), the structured-sparsity config (sparsify).
+    options: CompileOptions = field(default_factory=CompileOptions)
     # Calibration: graph inputs (tuples, in the graph's placeholder order) that calibration-aware passes run
     # through the graph they rewrite, and what they measured, by weight name, shared between the graphs.
     calibration: list | None = None
@@ -60,10 +58,26 @@ class PassContext:
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {self.dtype!r}: use a torch dtype name such as bfloat16")
             self.dtype = dtype
-        if self.sliding_window < 0:
-            raise ValueError(f"sliding window {self.sliding_window} is negative: use 0 for full attention or N > 0")
-        if not 0.0 <= self.attention_keep <= 1.0:
-            raise ValueError(f"attention keep fraction {self.attention_keep} must be in [0, 1] (0 = dense)")
+
+    @property
+    def sliding_window(self) -> int:
+        return self.options.sliding_window
+
+    @property
+    def attention_keep(self) -> float:
+        return self.options.attention_keep
+
+    @property
+    def attention_block(self) -> int:
+        return self.options.attention_block
+
+    @property
+    def quant(self):
+        return self.options.quant
+
+    @property
+    def sparsity(self):
+        return self.options.sparsity
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -35,17 +35,10 @@ from llmc.common.targets import describe as describe_target
 
 from .calibrate import SAMPLE_ROWS, CalibrationError, Gemm, Stats, StatsBuilder, collect_stats, gemms
 from .graph_weights import add_weight, drop_unread, finish_node, read
+from .options import CompileOptions
 from .pattern import PassContext
-from .quant_config import (
-    Float8Config,
-    Int4W4A8Config,
-    Int4WeightOnlyConfig,
-    Int8Config,
-    Int8WeightOnlyConfig,
-    QuantPolicy,
-    as_policy,
-    layer_kind,
-)
+from .quant_config import (Float8Config, Int4W4A8Config, Int4WeightOnlyConfig, Int8Config, Int8WeightOnlyConfig,
+                           QuantPolicy, as_policy, layer_kind)
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 AWQ_GRID = tuple(i / 10 for i in range(11))
@@ -277,7 +270,7 @@ def quantize_(model: nn.Module, config, *, target=None, calibration_inputs=None)
     A GraphModule gets this pass. Any other module has each nn.Linear the config selects (by layer_kind of its
     qualified name) replaced by a QuantizedLinear; calibration_inputs (argument tuples for model(*args)) feed
     SmoothQuant and AWQ, observed by hooks on the linears."""
-    ctx = PassContext(target=target, quant=config, calibration=calibration_inputs)
+    ctx = PassContext(target=target, calibration=calibration_inputs, options=CompileOptions(quant=config))
     if isinstance(model, GraphModule):
         run(model, ctx)
         model.graph.lint()

@@ -18,16 +18,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import safe_open
 
-from llmc.common.contract import (
-    FORMAT,
-    GRAPH,
-    MANIFEST,
-    TOKENIZER_DIR,
-    WEIGHTS_DIR,
-    Manifest,
-    ManifestError,
-    sha256_file,
-)
+from llmc.common.contract import (FORMAT, GRAPH, MANIFEST, TOKENIZER_DIR, WEIGHTS_DIR, Manifest, ManifestError,
+                                  sha256_file)
 from llmc.common.targets import Target, describe, host_isa, isa_at_least, targets_with_capability
 
 REBUILD = "rebuild the bundle with llmc compile"

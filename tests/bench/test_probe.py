@@ -6,23 +6,9 @@ import time
 import pytest
 import torch
 
-from llmc.bench.probe import (
-    BusyMachineError,
-    PeakMemory,
-    Shapes,
-    alternate,
-    check_quiet,
-    copy_bandwidth,
-    decode_floor_s,
-    decode_step_bytes,
-    device_slug,
-    matmul_rate,
-    median_of,
-    prefill_floor_s,
-    prefill_flops,
-    spread,
-    time_call,
-)
+from llmc.bench.probe import (BusyMachineError, PeakMemory, Shapes, alternate, check_quiet, copy_bandwidth,
+                              decode_floor_s, decode_step_bytes, device_slug, matmul_rate, median_of, prefill_floor_s,
+                              prefill_flops, spread, time_call)
 from llmc.models.registry import get_config
 
 H100_BYTES_PER_S = 3.35e12  # HBM3 bandwidth the design's floor uses

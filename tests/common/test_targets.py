@@ -2,17 +2,8 @@ import json
 
 import pytest
 
-from llmc.common.targets import (
-    CPU_ISAS,
-    TARGETS,
-    Target,
-    UnknownTargetError,
-    format_targets,
-    get_target,
-    host_isa,
-    resolve_dtype,
-    targets_with_capability,
-)
+from llmc.common.targets import (CPU_ISAS, TARGETS, Target, UnknownTargetError, format_targets, get_target, host_isa,
+                                 resolve_dtype, targets_with_capability)
 
 CPU_TARGETS = ["cpu", *(f"cpu-{isa}" for isa in CPU_ISAS)]
 EXPECTED = {

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llmc.passes import block_attention, fold_rope, fuse_kv_write
+from llmc.passes.options import CompileOptions
 from llmc.passes.pattern import PassContext
 from llmc.runtime.engine import slot_mapping
 from llmc.runtime.kv_cache import PagedKVCache
@@ -17,7 +18,7 @@ MAX_LEN = 4096  # our configs' max_position_embeddings: check_inputs' positions 
 
 def run(gm, *passes, **context) -> tuple[list[int], PassContext]:
     """The passes in order as the pipeline runs them (dead-code elimination, lint, recompile after each)."""
-    ctx, counts = PassContext(max_seq_len=MAX_LEN, **context), []
+    ctx, counts = PassContext(max_seq_len=MAX_LEN, options=CompileOptions(**context)), []
     for p in passes:
         counts.append(p.run(gm, ctx))
         gm.graph.eliminate_dead_code()

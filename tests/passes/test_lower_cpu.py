@@ -7,19 +7,11 @@ import pytest
 import torch
 
 from llmc.common.targets import get_target
-from llmc.passes import (
-    block_attention,
-    fold_rope,
-    fuse_add_norm,
-    fuse_kv_write,
-    fuse_norm_linear,
-    fuse_rms_norm,
-    lower_cpu,
-    merge_projections,
-    quantize,
-)
+from llmc.passes import (block_attention, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear, fuse_rms_norm,
+                         lower_cpu, merge_projections, quantize)
 from llmc.passes.pattern import PassContext
 from llmc.passes.quant_config import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+from llmc.passes.options import CompileOptions
 
 llmc = torch.ops.llmc
 aten = torch.ops.aten
@@ -33,7 +25,7 @@ MAX_LEN = 4096  # our configs' max_position_embeddings
 
 def run(gm, *passes, target=None, quant=None) -> list[int]:
     """The passes in order as the pipeline runs them (dead-code elimination, lint, recompile after each)."""
-    ctx, counts = PassContext(target=target, max_seq_len=MAX_LEN, quant=quant), []
+    ctx, counts = PassContext(target=target, max_seq_len=MAX_LEN, options=CompileOptions(quant=quant)), []
     for p in passes:
         counts.append(p.run(gm, ctx))
         gm.graph.eliminate_dead_code()

@@ -27,14 +27,9 @@ from llmc.passes import quantize
 from llmc.passes.calibrate import CalibrationError, collect_stats, gemms
 from llmc.passes.graph_weights import read
 from llmc.passes.pattern import PassContext
-from llmc.passes.quant_config import (
-    Float8Config,
-    Int4W4A8Config,
-    Int4WeightOnlyConfig,
-    Int8Config,
-    QuantPolicy,
-    config_for_scheme,
-)
+from llmc.passes.options import CompileOptions
+from llmc.passes.quant_config import (Float8Config, Int4W4A8Config, Int4WeightOnlyConfig, Int8Config, QuantPolicy,
+                                      config_for_scheme)
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 NAMES = [name for _, name, _ in pipeline.PASSES]
@@ -128,7 +123,7 @@ def scheme_error(plain, quant, inputs) -> float:
 def test_every_scheme_quantizes_each_decoder_gemm_within_its_error_bound(fusion, scheme):
     L = fusion.LAYERS
     graphs, plains = fused(fusion), {name: gm for name, gm, _ in fused(fusion)}  # same weights, kept float
-    ctx = PassContext(quant=SCHEMES[scheme], calibration=prefill_inputs(fusion, 2))
+    ctx = PassContext(calibration=prefill_inputs(fusion, 2), options=CompileOptions(quant=SCHEMES[scheme]))
     calibrated = scheme in ("int8", "int4-awq")
     done = []
     for name, gm, inputs in graphs:  # prefill first, as the compiler passes them
@@ -170,7 +165,7 @@ def test_bf16_graphs_compute_what_their_effective_weights_do(fusion):
         pipeline.run_pipeline(gm, PassContext(), FUSION)
         plain = fusion.graphs("llmc", "qwen3", torch.bfloat16)[1][1]
         pipeline.run_pipeline(plain, PassContext(), FUSION)
-        assert quantized(gm, PassContext(quant=SCHEMES[scheme])) == 4 * fusion.LAYERS
+        assert quantized(gm, PassContext(options=CompileOptions(quant=SCHEMES[scheme]))) == 4 * fusion.LAYERS
         with torch.no_grad():
             for source, w in effective_weights(gm).items():
                 getattr(plain, source).copy_(w.to(torch.bfloat16))
@@ -197,7 +192,7 @@ def one_gemm(weight: torch.Tensor, norm: str) -> torch.fx.GraphModule:
 def one_gemm_error(weight, norm, config, channel_scale) -> tuple[float, PassContext]:
     """Relative output error of the quantized GEMM on held-out rows drawn like the calibration rows."""
     rows = lambda: torch.randn(8, 16, weight.shape[1]) * channel_scale  # noqa: E731
-    ctx = PassContext(quant=config, calibration=[(rows(),), (rows(),)])
+    ctx = PassContext(calibration=[(rows(),), (rows(),)], options=CompileOptions(quant=config))
     plain, gm = one_gemm(weight, norm), one_gemm(weight, norm)
     assert quantized(gm, ctx) == 1
     held_out = rows()
@@ -231,7 +226,7 @@ def test_awq_beats_round_to_nearest_int4_on_salient_channels():
                                                     ("t4", "fp8_w8a16", True)])
 def test_fp8_activations_only_where_the_target_has_fp8(fusion, target, scheme, fallback):
     _, gm, _ = fused(fusion)[1]
-    ctx = PassContext(target=get_target(target), quant=Float8Config())
+    ctx = PassContext(target=get_target(target), options=CompileOptions(quant=Float8Config()))
     assert quantized(gm, ctx) == 4 * fusion.LAYERS
     assert {n.args[9] for n in quant_nodes(gm)} == {scheme}
     notes = [n for n in ctx.notes if "fp8 activations need sm_89+" in n]
@@ -247,7 +242,7 @@ def test_policy_routes_layer_kinds(fusion):
     want = logits(gm, inputs)
     head = next(g.weight.target for g in gemms(gm) if "lm_head" in g.weight.target)
     policy = QuantPolicy({"mlp": Int4W4A8Config(G), "attention": Float8Config()})
-    ctx = PassContext(target=get_target("a100"), quant=policy)
+    ctx = PassContext(target=get_target("a100"), options=CompileOptions(quant=policy))
     assert quantized(gm, ctx) == 4 * L
     by_weight = {n.args[1].target: n.args[9] for n in quant_nodes(gm)}
     assert sorted(by_weight.values()) == ["fp8_w8a16"] * 2 * L + ["int4_w4a8"] * 2 * L
@@ -263,7 +258,7 @@ def test_lm_head_is_quantized_when_a_policy_names_it(fusion):
     L = fusion.LAYERS
     _, gm, inputs = fused(fusion)[0]
     policy = QuantPolicy({"lm_head": Int8Config(0.0)})
-    ctx = PassContext(quant=policy)
+    ctx = PassContext(options=CompileOptions(quant=policy))
     assert quantized(gm, ctx) == 1
     census = fusion.census(gm)
     # 2L add_norm_linear before (every norm after the first reads a residual add; lm_head's is one of them)
@@ -278,7 +273,7 @@ def test_lm_head_is_quantized_when_a_policy_names_it(fusion):
 def test_mixed_policy_skips_gemms_the_group_does_not_divide(fusion):
     L = fusion.LAYERS
     _, gm, _ = fused(fusion)[0]
-    ctx = PassContext(target=get_target("h100"), quant=config_for_scheme("mixed"))  # w4a8 group 128 > K
+    ctx = PassContext(target=get_target("h100"), options=CompileOptions(quant=config_for_scheme("mixed")))  # w4a8 group 128 > K
     assert quantized(gm, ctx) == 2 * L
     assert {n.args[9] for n in quant_nodes(gm)} == {"fp8_w8a8"}
     skipped = next(n for n in ctx.notes if "skipped" in n)
@@ -289,7 +284,7 @@ def test_mixed_policy_skips_gemms_the_group_does_not_divide(fusion):
 def test_calibrated_schemes_need_calibration_and_weights(fusion):
     _, gm, _ = fused(fusion)[0]
     with pytest.raises(CalibrationError, match="SmoothQuant alpha 0.5.*needs a calibration set.*--calibration"):
-        quantize.run(gm, PassContext(quant=Int8Config(0.5)))
+        quantize.run(gm, PassContext(options=CompileOptions(quant=Int8Config(0.5))))
 
 
 def test_a_model_without_weights_quantizes_to_meta_tensors_of_the_right_shapes(fusion):
@@ -300,8 +295,8 @@ def test_a_model_without_weights_quantizes_to_meta_tensors_of_the_right_shapes(f
     gm = trace(model.eval(), block_size=16)[0].gm
     pipeline.run_pipeline(gm, PassContext(), NAMES[:NAMES.index("fuse_norm_linear") + 1])
     with pytest.raises(CalibrationError, match="needs its weights"):
-        quantize.run(gm, PassContext(quant=Int4WeightOnlyConfig(G, awq=True), calibration=[()]))
-    assert quantized(gm, PassContext(quant=Int4WeightOnlyConfig(G))) == 4 * L
+        quantize.run(gm, PassContext(calibration=[()], options=CompileOptions(quant=Int4WeightOnlyConfig(G, awq=True))))
+    assert quantized(gm, PassContext(options=CompileOptions(quant=Int4WeightOnlyConfig(G)))) == 4 * L
     for node in quant_nodes(gm):
         q, scale, zero = (read(gm, a) for a in node.args[1:4])
         n, k = node.args[1].meta["val"].shape[0], node.args[1].meta["val"].shape[1] * 2

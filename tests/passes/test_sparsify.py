@@ -8,6 +8,7 @@ from llmc.passes.calibrate import Gemm, gemms
 from llmc.passes.pattern import PassContext
 from llmc.passes.quant_config import Int8Config, QuantPolicy, layer_kind
 from llmc.passes.sparsify import SparsityConfig
+from llmc.passes.options import CompileOptions
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 FUSION = (merge_projections, fuse_add_norm, fuse_norm_linear)
@@ -75,7 +76,7 @@ def test_without_a_config_the_graph_is_left_alone(fusion):
 def test_selected_kinds_become_sparse_linears_and_lm_head_stays_dense(fusion, kinds, attention, mlp):
     L = fusion.LAYERS
     for name, gm, _ in fused_graphs(fusion):
-        ctx = PassContext(sparsity=SparsityConfig(kinds=kinds))
+        ctx = PassContext(options=CompileOptions(sparsity=SparsityConfig(kinds=kinds)))
         want = 2 * L * (attention + mlp)  # q_k_v and o per layer; gate_up and down per layer
         assert run_sparsify(gm, ctx) == want, name
         after = fusion.census(gm)
@@ -98,7 +99,7 @@ def test_sparse_graph_equals_the_graph_with_pruned_dense_weights(fusion):
     for (name, gm, inputs), (_, reference, _) in zip(sparse_graphs, dense_graphs):
         originals = {g.weight.target: getattr(gm, g.weight.target).clone()
                      for g in map(Gemm.of, gm.graph.nodes) if g is not None}
-        assert run_sparsify(gm, PassContext(sparsity=SparsityConfig())) == 4 * fusion.LAYERS
+        assert run_sparsify(gm, PassContext(options=CompileOptions(sparsity=SparsityConfig()))) == 4 * fusion.LAYERS
         stored = compressed(gm)
         assert len(stored) == 4 * fusion.LAYERS
         for source, (values, meta) in stored.items():
@@ -118,7 +119,7 @@ def test_sparse_graph_equals_the_graph_with_pruned_dense_weights(fusion):
 def test_prefill_and_decode_get_the_same_tensors_under_the_same_names(fusion):
     (prefill_name, prefill, prefill_inputs), (decode_name, decode, _) = fused_graphs(fusion)
     assert (prefill_name, decode_name) == ("prefill", "decode")
-    ctx = PassContext(sparsity=SparsityConfig(method="wanda"), calibration=[prefill_inputs])
+    ctx = PassContext(calibration=[prefill_inputs], options=CompileOptions(sparsity=SparsityConfig(method="wanda")))
     assert run_sparsify(prefill, ctx) == 4 * fusion.LAYERS
     assert len(ctx.calibration_stats) == 4 * fusion.LAYERS
     ctx.calibration = None  # decode must reuse the prefill's measurements, not measure again
@@ -172,7 +173,7 @@ def test_wanda_keeps_the_output_closer_than_magnitude_with_salient_input_channel
     errors = {}
     for method in ("magnitude", "wanda"):
         gm = traced(layer, calibration[:4])
-        ctx = PassContext(sparsity=SparsityConfig(method=method), calibration=[(calibration,)])
+        ctx = PassContext(calibration=[(calibration,)], options=CompileOptions(sparsity=SparsityConfig(method=method)))
         assert run_sparsify(gm, ctx) == 1
         with torch.no_grad():
             (got,) = gm(held_out)
@@ -183,14 +184,14 @@ def test_wanda_keeps_the_output_closer_than_magnitude_with_salient_input_channel
 def test_wanda_without_calibration_asks_for_it():
     gm = traced(Block().eval(), torch.randn(2, 64))
     with pytest.raises(ValueError, match="calibration"):
-        sparsify.run(gm, PassContext(sparsity=SparsityConfig(method="wanda")))
+        sparsify.run(gm, PassContext(options=CompileOptions(sparsity=SparsityConfig(method="wanda"))))
 
 
 def test_weights_of_a_width_not_divisible_by_8_stay_dense():
     block = Block(width=60).eval()
     x = torch.randn(5, 60)
     gm = traced(block, x)
-    ctx = PassContext(sparsity=SparsityConfig())
+    ctx = PassContext(options=CompileOptions(sparsity=SparsityConfig()))
     assert run_sparsify(gm, ctx) == 1  # down_proj (K = 96); up_proj has K = 60
     assert any("mlp_up_proj_weight stays dense" in note for note in ctx.notes)
     with torch.no_grad():
@@ -204,7 +205,7 @@ def test_meta_weights_are_sparsified_by_shape_even_with_wanda():
     with torch.device("meta"):
         block = Block().to(torch.bfloat16)
         gm = traced(block, torch.empty(3, 64, dtype=torch.bfloat16))
-    assert run_sparsify(gm, PassContext(sparsity=SparsityConfig(method="wanda"))) == 2
+    assert run_sparsify(gm, PassContext(options=CompileOptions(sparsity=SparsityConfig(method="wanda")))) == 2
     stored = compressed(gm)
     values, meta = stored["mlp_up_proj_weight"]
     assert values.device.type == "meta" and values.shape == (96, 32) and values.dtype == torch.bfloat16

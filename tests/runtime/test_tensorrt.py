@@ -13,18 +13,8 @@ import llmc
 from llmc.codegen.tensorrt import build_settings
 from llmc.common.targets import targets_with_capability
 from llmc.runtime.bundle import HostInfo, open_bundle, verify_bundle
-from llmc.runtime.tensorrt import (
-    ENGINE_RECORD,
-    SETTINGS,
-    TIMING_CACHE,
-    TensorRTError,
-    _remove_unlisted_outputs,
-    build_engine,
-    check_engine,
-    import_tensorrt,
-    load_graphs,
-    record_files,
-)
+from llmc.runtime.tensorrt import (ENGINE_RECORD, SETTINGS, TIMING_CACHE, TensorRTError, _remove_unlisted_outputs,
+                                   build_engine, check_engine, import_tensorrt, load_graphs, record_files)
 
 
 def _load_toy_onnx_helpers():
