@@ -132,6 +132,8 @@ def compile(model: str | Path, target: str | None = None, out: str | Path | None
     passes = options.passes
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
     options.check_pass_names(names)
+    if options.dump_after:
+        pipeline.dump_point(names, options.dump_after[0])  # a phase or pass that does not run is refused now
     if options.backend != "triton":
         names = [n for n in names if n not in ("fuse_kv_write", "lower_cpu")]  # ONNX: keys returned, reference ops only
     if (options.check_passes or options.backend != "triton" or options.calibration) and not source.has_weights:

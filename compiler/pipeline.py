@@ -10,6 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils import _pytree as pytree
@@ -122,10 +123,14 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[str], 
     """
     _check_known(passes)
     table = {name: (phase, fn) for phase, name, fn in PASSES}
+    dump = ctx.options.dump_after
+    dump_index = dump_point(passes, dump[0]) if dump else None
+    if dump_index == -1:
+        _dump(gm, dump, graph_name, passes[:0])
     # gm has not been touched yet, so its outputs now are the unpassed graph's (no copy of the weights needed).
     expected = _outputs(gm, check_inputs) if check_inputs is not None else None
     records = []
-    for name in passes:
+    for index, name in enumerate(passes):
         phase, fn = table[name]
         nodes_before, first_note = len(gm.graph.nodes), len(ctx.notes)
         start = time.perf_counter()
@@ -145,7 +150,33 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[str], 
                 raise error
         records.append(PassRecord(name, phase, rewrites, nodes_before, len(gm.graph.nodes), seconds, diff,
                                   ctx.notes[first_note:]))
+        if index == dump_index:
+            _dump(gm, dump, graph_name, passes[:index + 1])
     return PipelineReport(graph_name, records)
+
+
+def dump_point(passes: list[str], where: str) -> int:
+    """After which of `passes` (an index; -1: before the first) --dump-after WHERE writes the graph: WHERE names
+    a pass, which must run, or a phase: after the last pass of that phase or an earlier one that runs."""
+    phases = list(dict.fromkeys(phase for phase, _, _ in PASSES))
+    if where in phases:
+        order = {name: phases.index(phase) for phase, name, _ in PASSES}
+        return max((i for i, name in enumerate(passes) if order[name] <= phases.index(where)), default=-1)
+    if where in passes:
+        return passes.index(where)
+    known = [name for _, name, _ in PASSES]
+    if where in known:
+        raise ValueError(f"--dump-after {where}: that pass does not run in this compile (see --passes)")
+    raise ValueError(f"--dump-after {where!r} names no phase ({', '.join(phases)}) and no pass ({', '.join(known)})")
+
+
+def _dump(gm: torch.fx.GraphModule, dump: tuple[str, str], graph_name: str, ran: list[str]) -> None:
+    """The graph as readable Python (shapes and dtypes on every line) into DIR/<graph>.after-<where>.txt."""
+    where, directory = dump
+    path = Path(directory) / f"{graph_name}.after-{where}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# {graph_name} graph after --dump-after {where}; passes run: {', '.join(ran) or 'none'}\n"
+    path.write_text(header + gm.print_readable(print_output=False), encoding="utf-8")
 
 
 def _outputs(gm: torch.fx.GraphModule, inputs: tuple) -> list:

@@ -250,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
                    help="tokens per block of --attention-keep (default 64)")
     c.add_argument("--explain", action="store_true", help="print what each pass did")
     c.add_argument("--check-passes", action="store_true", help="run sample inputs after every pass and compare")
+    c.add_argument("--dump-after", nargs=2, metavar=("PHASE", "DIR"),
+                   help="write each graph as readable text after PHASE (cleanup, canonicalize, fold, fusion, "
+                        "quantize, lower) or after a pass, into DIR")
     c.set_defaults(fn=_compile)
     b = sub.add_parser("bind", help="bind a checkpoint's weights to a bundle compiled without them")
     b.add_argument("bundle")

@@ -31,6 +31,8 @@ class CompileOptions:
     attention_keep: float = 0.0  # block-sparse attention: fraction of key blocks kept per query block; 0 = dense
     attention_block: int = 64
     calibration: str | Path | None = None  # text file for calibration-aware quantization and pruning
+    # --dump-after PHASE DIR: each graph as readable text after a phase (or a pass) into DIR; changes nothing.
+    dump_after: tuple[str, str] | None = None
 
     def __post_init__(self):
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
@@ -48,6 +50,10 @@ class CompileOptions:
                              f"got {self.attention_keep}")
         if self.attention_block < 1:
             raise ValueError(f"--attention-block must be at least 1, got {self.attention_block}")
+        if self.dump_after is not None:
+            if len(self.dump_after) != 2 or not all(self.dump_after):
+                raise ValueError(f"--dump-after takes a phase (or a pass) and a directory, got {self.dump_after!r}")
+            object.__setattr__(self, "dump_after", tuple(str(v) for v in self.dump_after))
         if self.lossy and self.check_passes:
             raise ValueError("--check-passes compares every pass with the unpassed graph at rounding tolerance, "
                              "which quantization and sparsity exceed on purpose: judge them with llmc eval instead")

@@ -143,3 +143,31 @@ def test_notes_of_a_pass_land_in_its_record(qwen3, monkeypatch):
     assert "cautious: no bf16 kernel" in report.format()
     with pytest.raises(UnknownPassError):
         run_pipeline(graphs, PassContext(), ["strip_assert"])
+
+
+def test_dump_point_is_after_a_pass_or_a_phases_last_pass(monkeypatch):
+    monkeypatch.setattr(pipeline, "PASSES", REAL_PASSES)
+    names = ["strip_asserts", "fuse_rms_norm", "fold_rope", "block_attention", "fuse_norm_linear", "lower_cpu"]
+    assert pipeline.dump_point(names, "fold_rope") == 2
+    assert pipeline.dump_point(names, "fusion") == 4  # fuse_norm_linear, fusion's last pass that runs
+    assert pipeline.dump_point(names, "quantize") == 4  # no quantize pass runs: after the passes before it
+    assert pipeline.dump_point(names[1:], "cleanup") == -1  # before any pass
+    with pytest.raises(ValueError, match="'quantize_all' names no phase"):
+        pipeline.dump_point(names, "quantize_all")
+    with pytest.raises(ValueError, match="fold_constants: that pass does not run"):
+        pipeline.dump_point(names, "fold_constants")
+
+
+def test_dump_after_writes_each_graph_as_readable_text(tmp_path, monkeypatch):
+    from llmc.cli import main
+
+    monkeypatch.setattr(pipeline, "PASSES", REAL_PASSES)
+    dump = tmp_path / "dump"
+    assert main(["compile", "llmc-tiny", "--target", "cpu", "--dtype", "float32", "-o", str(tmp_path / "b.llmc"),
+                 "--dump-after", "fusion", str(dump)]) == 0
+    files = sorted(p.name for p in dump.iterdir())
+    assert files == ["decode.after-fusion.txt", "prefill.after-fusion.txt"]
+    text = (dump / "prefill.after-fusion.txt").read_text()
+    assert text.startswith("# prefill graph after --dump-after fusion; passes run: strip_asserts, ")
+    assert "torch.ops.llmc.norm_linear" in text and "lower_cpu" not in text.splitlines()[0]
+    assert "llmc.norm_linear_cpu" not in text  # written before lower_cpu ran
