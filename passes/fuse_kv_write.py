@@ -17,6 +17,9 @@ cache arguments that are not one layer's select of the cache inputs, dtypes the 
 Runs: in the fusion phase, right after block_attention (it matches llmc.paged_attention) and before
 merge_projections (which only rewires the projections that feed x and v).
 Counts: one per attention whose keys now write the cache: L for an L-layer model.
+Not a Pattern (passes/pattern.py): the keys' rope node has readers outside the match (the stacked new_k output),
+which SubgraphMatcher refuses inside a match, and the match keys on graph inputs by name (the caches and
+slot_mapping), which a traced pattern cannot express; a walk over the attention nodes says both directly.
 """
 from __future__ import annotations
 

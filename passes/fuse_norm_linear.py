@@ -16,6 +16,9 @@ lm_head never writes into the shared embedding); the weights nothing reads any m
 then applied to the weight in W's dtype instead of to the activation: results move within a rounding step.
 Assumes: norm gain (and beta) get_attr tensors of x's dtype and shape [D]; linear weights [N, D] of x's dtype.
 Runs: last of the fusion phase, after merge_projections and fuse_add_norm. One rewrite per fused norm.
+Not a Pattern (passes/pattern.py): the match is a norm together with every one of its readers, reached through any
+chain of row selections, and the rewrite depends on how many GEMMs share the norm; SubgraphMatcher matches
+subgraphs of a fixed shape and cannot require "all readers".
 """
 from __future__ import annotations
 

@@ -19,6 +19,8 @@ weight name: the decode graph, quantized after the prefill graph, reuses them an
 New tensors are named `<weight>__<scheme>_q / _scale / _zero / _in_scale` (graph_weights' naming rule);
 weights nothing reads any more are dropped. Runs: phase "quantize", after fuse_norm_linear and sparsify.
 One rewrite per quantized GEMM.
+Not a Pattern (passes/pattern.py): a match is one GEMM node (calibrate.Gemm), chosen by its weight's name and
+shape; a traced one-node pattern would add tracing and matching for what Gemm.of reads off the node.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ Weights whose K is not a multiple of 8 stay dense (noted). Meta weights (a compi
 shape alone, whatever the method: the graph is the same, its values are not there to rank.
 Assumes: the fusion passes ran (GEMM input dtype == weight dtype). Runs: phase "quantize", after
 fuse_norm_linear and before quantize, which leaves sparse_linear alone. One rewrite per sparsified GEMM.
+Not a Pattern (passes/pattern.py): as for quantize, a match is one GEMM node chosen by its weight (calibrate.Gemm).
 """
 from __future__ import annotations
 
