@@ -13,10 +13,12 @@ from llmc.openmp import set_wait_policy
 set_wait_policy()  # before anything imports torch (llmc/openmp.py says why)
 
 __version__ = "0.1.0"
-__all__ = ["compile", "load", "last_report"]
+__all__ = ["compile", "load", "last_report", "CompileOptions"]
 
 
-def compile(model, target="cpu", out=None, **options):
+def compile(model, target=None, out=None, **options):
+    """Compiles model for target (default cpu) into a bundle directory; the options as keywords (the command
+    line's, see llmc.compiler.api.compile) or options=llmc.CompileOptions(...)."""
     from llmc.compiler.api import compile as _compile
 
     return _compile(model, target, out, **options)
@@ -39,3 +41,11 @@ def last_report():
     from llmc.compiler.api import last_report as _last
 
     return _last()
+
+
+def __getattr__(name):
+    if name == "CompileOptions":  # imported on first use, as the functions above import what they call
+        from llmc.passes.options import CompileOptions
+
+        return CompileOptions
+    raise AttributeError(f"module 'llmc' has no attribute {name!r}")

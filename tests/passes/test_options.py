@@ -77,3 +77,11 @@ def test_compile_takes_options_or_keywords_not_both(tmp_path):
     with pytest.raises(TypeError, match="not both"):
         llmc.compile("llmc-tiny", out=tmp_path / "b.llmc", options=CompileOptions(), dtype="float32")
     assert not (tmp_path / "b.llmc").exists()
+    assert llmc.CompileOptions is CompileOptions
+
+
+def test_compile_with_options_alone_builds_what_they_say(tmp_path):
+    options = CompileOptions.from_flags(dtype="float32", max_seq_len=64, sliding_window=8)
+    bundle = llmc.load(llmc.compile("llmc-tiny", out=tmp_path / "b.llmc", options=options))
+    assert bundle.max_seq_len == 64 and bundle.bundle.dtype == "float32"
+    assert bundle.bundle.manifest["sliding_window"] == 8 and bundle.bundle.target["name"] == "cpu"
