@@ -247,3 +247,39 @@ def paged_step_inputs(dtype, past_lens, seq, heads=4, kv_heads=2, head_dim=16, b
     k, v = (torch.randn(len(past_lens), seq, kv_heads, head_dim).to(dtype) for _ in range(2))
     tensors = [q, k, v, k_cache, v_cache, block_table, torch.tensor(past_lens)]
     return [t.to(device) for t in tensors] + [head_dim ** -0.5]
+
+
+# ---- a Triton source file: tests/codegen/triton/test_aot.py cross-compiles it, tests/runtime/test_kernels.py ships
+# and loads it (the tests name their own specs; the source is one so the two read the same kernels).
+
+TEST_KERNEL_SOURCE = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scaled_add(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask)
+    y = tl.load(y_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x * alpha + y, mask=mask)
+
+
+@triton.jit
+def square(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(x_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x * x, mask=mask)
+'''
+SCALED_ADD_SIGNATURE = {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "alpha": "fp32",
+                        "BLOCK": "constexpr"}
+
+
+@pytest.fixture(scope="module")
+def kernel_source(tmp_path_factory) -> Path:
+    """TEST_KERNEL_SOURCE as a file (what a KernelSpec names)."""
+    path = tmp_path_factory.mktemp("kernels") / "kernels.py"
+    path.write_text(TEST_KERNEL_SOURCE)
+    return path

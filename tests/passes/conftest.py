@@ -4,11 +4,16 @@
 transformers' *ForCausalLM logits ("hf"), after strip_asserts and fuse_rms_norm (where the fusion passes start),
 as fresh copies a test may rewrite, with fresh random inputs. Our Qwen3 ties lm_head to the embedding; our
 Llama has attention biases, so both the tied fold and the biased merge run on real model graphs.
+
+Helpers the pass tests import (`from tests.passes.conftest import Logits, census, finish`): `Logits` (a model's
+logits from input ids, what the tests export), `census` (call target -> count), `finish` (what the pipeline runs
+after each pass).
 """
 from __future__ import annotations
 
 import copy
 import random
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -48,11 +53,16 @@ def canonical(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 class Logits(torch.nn.Module):
+    """A model's logits from input ids alone (transformers' *ForCausalLM without a cache, or our Transformer),
+    what the tests export."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids):
+        if isinstance(self.model, Transformer):
+            return self.model(input_ids)
         return self.model(input_ids, use_cache=False).logits
 
 
@@ -96,13 +106,16 @@ def fresh_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(root, graph)
 
 
-def census(gm: torch.fx.GraphModule) -> dict:
+def census(gm: torch.fx.GraphModule) -> Counter:
     """Call target -> count, the op census the Before/After tests compare."""
-    out: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            out[node.target] = out.get(node.target, 0) + 1
-    return out
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def finish(gm: torch.fx.GraphModule) -> None:
+    """What the pipeline does after each pass: dead-code elimination, lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
 
 
 def run_passes(gm: torch.fx.GraphModule, *passes) -> list[int]:
@@ -110,9 +123,7 @@ def run_passes(gm: torch.fx.GraphModule, *passes) -> list[int]:
     counts = []
     for p in passes:
         counts.append(p.run(gm, PassContext()))
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+        finish(gm)
     return counts
 
 

@@ -2,7 +2,6 @@
 exported causal attention (sdpa and eager) becomes llmc::causal_attention, outputs unchanged; masks that are not
 provably causal are left alone; a sliding window gives what transformers' sliding-window models give."""
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from llmc.models import ModelConfig, Transformer
 from llmc.models.loader import load_checkpoint
 from llmc.passes import block_attention, fuse_rms_norm, strip_asserts
 from llmc.passes.pattern import PassContext
+from tests.passes.conftest import Logits, census
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 LAYERS, BLOCK, WINDOW = 2, 16, 5
@@ -30,10 +30,6 @@ def rewrite(gm: torch.fx.GraphModule, **context) -> tuple[int, PassContext]:
     gm.graph.lint()
     gm.recompile()
     return count, ctx
-
-
-def census(gm) -> Counter:
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
 def ops(gm, target) -> list:
@@ -128,15 +124,6 @@ def test_our_full_forward_is_causal_sdpa_becomes_causal_attention(fusion):
 
 
 # ---- transformers' exported graphs -------------------------------------------------------------------------------
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids, use_cache=False).logits
-
 
 def hf_qwen3(fusion, impl: str = "sdpa", **config) -> Qwen3ForCausalLM:
     shape = fusion.SHAPE

@@ -9,19 +9,10 @@ from llmc.compiler.trace import example_inputs, trace, unlift
 from llmc.models import ModelConfig, Transformer
 from llmc.passes import fold_constants, fold_rope, fuse_rms_norm, strip_asserts
 from llmc.passes.pattern import PassContext
+from tests.passes.conftest import Logits, census, finish
 
 aten = torch.ops.aten
 SIZES = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_heads=6, num_kv_heads=2, head_dim=8)
-
-
-def finish(gm: torch.fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-
-
-def census(gm) -> Counter:
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
 def attributes(gm) -> set[str]:
@@ -131,15 +122,6 @@ def test_a_split_folds_through_its_items_and_random_or_input_nodes_stay():
 # ---- the models' graphs ---------------------------------------------------------------------------------------
 # Traced graphs carry no constant arithmetic of their own, except transformers' RoPE frequencies cast to float32
 # when the model was cast to bfloat16 (its buffer rounded with it). After fold_rope nothing constant is left.
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids, use_cache=False).logits
-
 
 def prepared(gm):
     for rewrite in (strip_asserts.run, fuse_rms_norm.run):

@@ -1,5 +1,4 @@
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from llmc.models import ModelConfig, Transformer
 from llmc.models.transformer import RMSNorm, rotate_half
 from llmc.passes import fold_rope, fuse_rms_norm, strip_asserts
 from llmc.passes.pattern import PassContext
+from tests.passes.conftest import Logits, census, finish
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 LAYERS, MAX_LEN, BLOCK = 2, 64, 16
@@ -39,16 +39,6 @@ def prepared(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         rewrite(gm, PassContext())
         finish(gm)
     return gm
-
-
-def finish(gm: torch.fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-
-
-def census(gm) -> Counter:
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
 def rope_nodes(gm) -> list:
@@ -149,15 +139,6 @@ def test_without_a_max_length_nothing_changes_and_the_report_says_why(our_graphs
 
 
 # ---- transformers' graphs: [B, H, S, D], cos/sin unsqueezed on dim 1, positions from an arange ---------------
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids, use_cache=False).logits
-
 
 HF = {"qwen3": (Qwen3Config, Qwen3ForCausalLM, "yarn", torch.bfloat16),
       "llama": (LlamaConfig, LlamaForCausalLM, "llama3", torch.float32)}

@@ -6,23 +6,13 @@ from llmc.compiler.trace import unlift
 from llmc.models import ModelConfig, Transformer
 from llmc.passes import fuse_rms_norm, strip_asserts
 from llmc.passes.pattern import PassContext
+from tests.passes.conftest import Logits, finish
 
 LAYERS = 2
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16)
 EPS = {"qwen3": 1e-6, "llama": 1e-5}  # distinct, so a wrongly captured eps shows
 NORMS = {"qwen3": 4 * LAYERS + 1, "llama": 2 * LAYERS + 1}  # (input, post-attention[, q, k]) per layer + final
 RSQRT, FUSED = torch.ops.aten.rsqrt.default, torch.ops.llmc.rms_norm.default
-
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        if isinstance(self.model, Transformer):
-            return self.model(input_ids)
-        return self.model(input_ids, use_cache=False).logits
 
 
 def randomize_norms(model: torch.nn.Module) -> None:
@@ -63,9 +53,7 @@ def count(gm, target) -> int:
 
 def fuse(gm) -> int:
     rewrites = fuse_rms_norm.run(gm, PassContext())
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm)
     return rewrites
 
 

@@ -5,6 +5,7 @@ from torch.export import Dim
 from llmc.compiler.trace import unlift
 from llmc.passes.pattern import PassContext, Pattern, replace_all
 from llmc.passes.strip_asserts import remove_assertions
+from tests.passes.conftest import finish
 
 aten = torch.ops.aten
 SCALE = 0.123457  # sentinel for the captured scalar
@@ -45,9 +46,7 @@ def count(gm, target) -> int:
 
 def rewrite(gm, pattern, build=as_clamp) -> int:
     n = replace_all(gm, pattern, build)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
+    finish(gm)
     return n
 
 

@@ -15,22 +15,8 @@ from llmc.codegen.triton.aot import KernelSpec, compile_all, compile_kernel, wri
 from llmc.runtime.bundle import HostInfo
 from llmc.runtime.kernels import (CompilationCounter, KernelError, KernelFallbackWarning, KernelLibrary,
                                   LoadedKernel, cubin_arch, plan_loading, read_index)
+from tests.conftest import SCALED_ADD_SIGNATURE, TEST_KERNEL_SOURCE
 
-KERNEL_SOURCE = '''
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def scaled_add(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(x_ptr + offsets, mask=mask)
-    y = tl.load(y_ptr + offsets, mask=mask)
-    tl.store(out_ptr + offsets, x * alpha + y, mask=mask)
-'''
-SIGNATURE = {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "alpha": "fp32",
-             "BLOCK": "constexpr"}
 BUILT_ARCHS = ["sm_80", "sm_90"]
 A100 = HostInfo("cuda", (8, 0), "NVIDIA A100")
 A10 = HostInfo("cuda", (8, 6), "NVIDIA A10")
@@ -40,15 +26,8 @@ TRITON = "3.6.0"
 
 
 def spec_for(source, block=128):
-    return KernelSpec(source, "scaled_add", SIGNATURE, {"BLOCK": block}, aligned=("x_ptr", "y_ptr", "out_ptr"),
-                      op="scaled_add", launches=2)
-
-
-@pytest.fixture(scope="module")
-def kernel_source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("src") / "scaled_add.py"
-    path.write_text(KERNEL_SOURCE)
-    return path
+    return KernelSpec(source, "scaled_add", SCALED_ADD_SIGNATURE, {"BLOCK": block},
+                      aligned=("x_ptr", "y_ptr", "out_ptr"), op="scaled_add", launches=2)
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +59,14 @@ def test_index_round_trip(kernels_dir):
     assert index.archs == tuple(BUILT_ARCHS)
     (record,) = index.kernels.values()
     assert record.name == "scaled_add" and record.ops == ("scaled_add",) and record.launches == 2
-    assert record.signature == SIGNATURE and record.constexprs == {"BLOCK": 128}
+    assert record.signature == SCALED_ADD_SIGNATURE and record.constexprs == {"BLOCK": 128}
     assert record.aligned == ("x_ptr", "y_ptr", "out_ptr") and record.num_warps == 4
     assert record.runtime_params == ["x_ptr", "y_ptr", "out_ptr", "n", "alpha"]
     assert sorted(record.cubins) == BUILT_ARCHS
     for arch, (cubin, metadata) in record.cubins.items():
         assert cubin_arch((kernels_dir / cubin).read_bytes()) in (arch, arch + "a")
         assert json.loads((kernels_dir / metadata).read_text())["name"] == "scaled_add"
-    assert (kernels_dir / record.source).read_text() == KERNEL_SOURCE
+    assert (kernels_dir / record.source).read_text() == TEST_KERNEL_SOURCE
 
 
 def test_cubin_arch_reads_both_elf_abis(kernels_dir):
@@ -257,8 +236,8 @@ def test_counter_counts_compilations_and_chains(kernel_source, tmp_path):
     # A fresh process: triton fixes per process whether @triton.jit interprets or compiles, and the kernel tests
     # run the interpreter in this one.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-c", COUNTER_SCRIPT, str(kernel_source), json.dumps(SIGNATURE)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", COUNTER_SCRIPT, str(kernel_source),
+                           json.dumps(SCALED_ADD_SIGNATURE)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["inside"] == [1, 1, ["scaled_add", "scaled_add"], [False, True]]

@@ -22,50 +22,21 @@ from triton import knobs
 
 from llmc.codegen.triton.aot import (KernelCompileError, KernelSpec, KernelSpecError, compile_all, compile_kernel,
                                      kernel_files, parse_arch, write_kernels)
+from tests.conftest import SCALED_ADD_SIGNATURE, TEST_KERNEL_SOURCE
 
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90"]
 EM_CUDA = 190
 
-KERNEL_SOURCE = '''
-import triton
-import triton.language as tl
-
-
-@triton.jit
-def scaled_add(x_ptr, y_ptr, out_ptr, n, alpha, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(x_ptr + offsets, mask=mask)
-    y = tl.load(y_ptr + offsets, mask=mask)
-    tl.store(out_ptr + offsets, x * alpha + y, mask=mask)
-
-
-@triton.jit
-def square(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(x_ptr + offsets, mask=mask)
-    tl.store(out_ptr + offsets, x * x, mask=mask)
-'''
-ADD_SIGNATURE = {"x_ptr": "*fp32", "y_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32", "alpha": "fp32",
-                 "BLOCK": "constexpr"}
 SQUARE_SIGNATURE = {"x_ptr": "*fp16", "out_ptr": "*fp16", "n": "i32", "BLOCK": "constexpr"}
 
 
 def add_spec(source, block=128, **kwargs):
-    return KernelSpec(source, "scaled_add", ADD_SIGNATURE, {"BLOCK": block}, aligned=("x_ptr", "y_ptr", "out_ptr"),
-                      op="scaled_add", **kwargs)
+    return KernelSpec(source, "scaled_add", SCALED_ADD_SIGNATURE, {"BLOCK": block},
+                      aligned=("x_ptr", "y_ptr", "out_ptr"), op="scaled_add", **kwargs)
 
 
 def square_spec(source, **kwargs):
     return KernelSpec(source, "square", SQUARE_SIGNATURE, {"BLOCK": 256}, num_warps=2, op="square", **kwargs)
-
-
-@pytest.fixture(scope="module")
-def kernel_source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kernels") / "kernels.py"
-    path.write_text(KERNEL_SOURCE)
-    return path
 
 
 @pytest.fixture
@@ -189,18 +160,18 @@ def test_duplicates_compile_once(kernel_source, fresh_triton_cache):
 
 def test_key_follows_what_changes_the_cubin(kernel_source, tmp_path):
     copy = tmp_path / "elsewhere.py"
-    copy.write_text(KERNEL_SOURCE)
+    copy.write_text(TEST_KERNEL_SOURCE)
     key = add_spec(kernel_source).key()
     assert add_spec(copy).key() == key, "the content, not the path, names a kernel"
     assert add_spec(kernel_source, launches=7).key() == key
-    assert KernelSpec(kernel_source, "scaled_add", ADD_SIGNATURE, {"BLOCK": 128},
+    assert KernelSpec(kernel_source, "scaled_add", SCALED_ADD_SIGNATURE, {"BLOCK": 128},
                       aligned=("x_ptr", "y_ptr", "out_ptr"), op="another_op").key() == key
     changed = [add_spec(kernel_source, block=256), add_spec(kernel_source, num_warps=8),
                add_spec(kernel_source, num_stages=2),
-               KernelSpec(kernel_source, "scaled_add", ADD_SIGNATURE, {"BLOCK": 128})]
-    reordered = dict(reversed(list(ADD_SIGNATURE.items())))
+               KernelSpec(kernel_source, "scaled_add", SCALED_ADD_SIGNATURE, {"BLOCK": 128})]
+    reordered = dict(reversed(list(SCALED_ADD_SIGNATURE.items())))
     changed.append(KernelSpec(kernel_source, "scaled_add", reordered, {"BLOCK": 128}))
-    copy.write_text(KERNEL_SOURCE.replace("x * alpha + y", "x * alpha - y"))
+    copy.write_text(TEST_KERNEL_SOURCE.replace("x * alpha + y", "x * alpha - y"))
     changed.append(add_spec(copy))
     keys = {spec.key() for spec in changed}
     assert key not in keys and len(keys) == len(changed)
@@ -223,7 +194,7 @@ def test_write_kernels_layout(kernel_source, fresh_triton_cache, tmp_path):
         assert entry["constexprs"] == spec.constexprs and entry["aligned"] == list(spec.aligned)
         assert (entry["num_warps"], entry["num_stages"]) == (spec.num_warps, spec.num_stages)
         assert entry["ops"] == [spec.op]
-        assert (directory / entry["source"]).read_text() == KERNEL_SOURCE
+        assert (directory / entry["source"]).read_text() == TEST_KERNEL_SOURCE
         for arch in ("sm_80", "sm_90"):
             files = entry["archs"][arch]
             cubin = (directory / files["cubin"]).read_bytes()
@@ -259,6 +230,6 @@ def test_spec_errors_say_what_to_fix(kernel_source, tmp_path):
 def test_compile_failure_names_kernel_and_arch(tmp_path, fresh_triton_cache):
     source = tmp_path / "broken.py"
     # Not a power of two: tl.arange refuses it while Triton lowers the kernel, not at import.
-    source.write_text(KERNEL_SOURCE)
+    source.write_text(TEST_KERNEL_SOURCE)
     with pytest.raises(KernelCompileError, match=r"kernel square \(.*broken.py\) failed to compile for sm_80"):
         compile_kernel(KernelSpec(source, "square", SQUARE_SIGNATURE, {"BLOCK": 100}), "sm_80")
