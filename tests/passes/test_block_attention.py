@@ -11,9 +11,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from llmc.compiler.trace import cache_slots, trace, unlift
 from llmc.models import ModelConfig, Transformer
 from llmc.models.loader import load_checkpoint
-from llmc.passes import block_attention, fuse_rms_norm, strip_asserts
+from llmc.passes import block_attention
 from llmc.passes.pattern import PassContext
-from tests.passes.conftest import Logits, census
+from tests.passes.conftest import Logits, canonical, census
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
 LAYERS, BLOCK, WINDOW = 2, 16, 5
@@ -40,14 +40,6 @@ def run_graph(gm, *inputs) -> list:
     with torch.no_grad():
         out = gm(*inputs)
     return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def canonical(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    for p in (strip_asserts, fuse_rms_norm):
-        p.run(gm, PassContext())
-        gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
 
 
 # ---- our paged step ----------------------------------------------------------------------------------------------
