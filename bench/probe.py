@@ -17,10 +17,11 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+
+from llmc.models import ModelConfig
 
 T = TypeVar("T")
 
@@ -190,56 +191,40 @@ def matmul_rate(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
     return 2 * n ** 3 / t
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """What the floors need of a model config (the ModelConfig / manifest "model" field names)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> Shapes:
-        return cls(**{k: int(cfg[k]) for k in cls.__dataclass_fields__})
-
-    @property
-    def layer_matmul_params(self) -> int:
-        """q, k, v, o projections and the gated MLP of all layers."""
-        h, d = self.hidden_size, self.head_dim
-        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        return self.num_layers * (attn + 3 * h * self.intermediate_size)
-
-    @property
-    def matmul_params(self) -> int:
-        return self.layer_matmul_params + self.vocab_size * self.hidden_size
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+def layer_matmul_params(cfg: ModelConfig) -> int:
+    """Weights of the q, k, v, o projections and the gated MLP of all layers."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn = h * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    return cfg.num_layers * (attn + 3 * h * cfg.intermediate_size)
 
 
-def prefill_flops(shapes: Shapes, batch: int, prompt_len: int) -> float:
+def matmul_params(cfg: ModelConfig) -> int:
+    return layer_matmul_params(cfg) + cfg.vocab_size * cfg.hidden_size
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+
+
+def prefill_flops(cfg: ModelConfig, batch: int, prompt_len: int) -> float:
     tokens = batch * prompt_len
-    linear = 2 * shapes.layer_matmul_params * tokens + 2 * shapes.vocab_size * shapes.hidden_size * batch
-    attention = 2 * shapes.num_layers * shapes.num_heads * shapes.head_dim * prompt_len ** 2 * batch
+    linear = 2 * layer_matmul_params(cfg) * tokens + 2 * cfg.vocab_size * cfg.hidden_size * batch
+    attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len ** 2 * batch
     return float(linear + attention)
 
 
-def decode_step_bytes(shapes: Shapes, batch: int, context_len: int, dtype_bytes: int) -> float:
+def decode_step_bytes(cfg: ModelConfig, batch: int, context_len: int, dtype_bytes: int) -> float:
     """Bytes one decode step over `batch` sequences of `context_len` cached tokens must read."""
-    return float(shapes.matmul_params * dtype_bytes + batch * context_len * shapes.kv_bytes_per_token(dtype_bytes))
+    return float(matmul_params(cfg) * dtype_bytes + batch * context_len * kv_bytes_per_token(cfg, dtype_bytes))
 
 
-def prefill_floor_s(shapes: Shapes, batch: int, prompt_len: int, flops_per_s: float) -> float:
-    return prefill_flops(shapes, batch, prompt_len) / flops_per_s
+def prefill_floor_s(cfg: ModelConfig, batch: int, prompt_len: int, flops_per_s: float) -> float:
+    return prefill_flops(cfg, batch, prompt_len) / flops_per_s
 
 
-def decode_floor_s(shapes: Shapes, batch: int, context_len: int, dtype_bytes: int, bytes_per_s: float) -> float:
+def decode_floor_s(cfg: ModelConfig, batch: int, context_len: int, dtype_bytes: int, bytes_per_s: float) -> float:
     """Seconds per decode step (one new token for each of the batch's sequences)."""
-    return decode_step_bytes(shapes, batch, context_len, dtype_bytes) / bytes_per_s
+    return decode_step_bytes(cfg, batch, context_len, dtype_bytes) / bytes_per_s
 
 
 def device_name(device: torch.device | str = "cpu") -> str:

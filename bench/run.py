@@ -122,14 +122,14 @@ def _free_memory_bytes(device: str) -> int:
 class _Points:
     """Decides which points to skip, from the model's limit and the last measured time of each system."""
 
-    def __init__(self, max_len: int, settings: BenchSettings, shapes: probe.Shapes):
-        self.max_len, self.settings, self.shapes = max_len, settings, shapes
+    def __init__(self, max_len: int, settings: BenchSettings, cfg: ModelConfig):
+        self.max_len, self.settings, self.cfg = max_len, settings, cfg
         self.last: dict[str, tuple[float, float]] = {}  # system -> (flops, seconds) of its last prefill
 
     def prefill_skip(self, system: str, length: int, dtype_bytes: int, device: str) -> str | None:
         if length + 1 > self.max_len:
             return f"skipped: beyond the model's maximum of {self.max_len} tokens"
-        flops = probe.prefill_flops(self.shapes, 1, length)
+        flops = probe.prefill_flops(self.cfg, 1, length)
         if system in self.last:
             done_flops, done_s = self.last[system]
             estimate = done_s * flops / done_flops
@@ -137,13 +137,13 @@ class _Points:
                 return (f"skipped: about {estimate:.0f} s (scaled by FLOPs from a measured shorter prompt) exceeds "
                         f"the {self.settings.point_budget_s:.0f} s budget per point")
         if system in ("llmc", "onnxruntime"):
-            scores = self.shapes.num_heads * length * length * max(dtype_bytes, 4) * 2
+            scores = self.cfg.num_heads * length * length * max(dtype_bytes, 4) * 2
             if scores > _free_memory_bytes(device):
                 return f"skipped: {system}'s attention would need {scores / 1e9:.0f} GB for its scores"
         return None
 
     def record(self, system: str, length: int, seconds: float) -> None:
-        self.last[system] = (probe.prefill_flops(self.shapes, 1, length), seconds)
+        self.last[system] = (probe.prefill_flops(self.cfg, 1, length), seconds)
 
 
 def _entry(samples: list[float], floor_s: float, batch: int | None = None) -> dict:
@@ -232,14 +232,13 @@ def _measure(report: dict, m: BenchModel, settings: BenchSettings, device: str, 
              progress: bool) -> None:
     """Loads every wanted system, measures them alternated at each point, and fills report's rows."""
     cfg, s = m.config, settings
-    shapes = probe.Shapes.from_config(cfg.to_dict())
     dtype_bytes = torch.empty(0, dtype=getattr(torch, report["dtype"])).element_size()
     bandwidth, rate = report["probes"]["copy_bytes_per_s"], report["probes"]["matmul_flops_per_s"]
-    prefill = [{"batch": 1, "length": n, "flops": probe.prefill_flops(shapes, 1, n),
-                "floor_s": probe.prefill_floor_s(shapes, 1, n, rate)} for n in s.lengths]
+    prefill = [{"batch": 1, "length": n, "flops": probe.prefill_flops(cfg, 1, n),
+                "floor_s": probe.prefill_floor_s(cfg, 1, n, rate)} for n in s.lengths]
     decode = [{"batch": b, "context": s.decode_context, "new_tokens": s.new_tokens,
-               "bytes_per_step": probe.decode_step_bytes(shapes, b, s.decode_context, dtype_bytes),
-               "floor_s": probe.decode_floor_s(shapes, b, s.decode_context, dtype_bytes, bandwidth)}
+               "bytes_per_step": probe.decode_step_bytes(cfg, b, s.decode_context, dtype_bytes),
+               "floor_s": probe.decode_floor_s(cfg, b, s.decode_context, dtype_bytes, bandwidth)}
               for b in s.batches]
     floors = {}  # system -> its own decode floor by batch, where it reads other bytes than the bench dtype's
     bar = tqdm(total=len(wanted) * (1 + len(prefill) + len(decode)), desc=f"bench {m.name}", unit="point",
@@ -253,11 +252,11 @@ def _measure(report: dict, m: BenchModel, settings: BenchSettings, device: str, 
             loaded[name], memory[name] = found
             if name == "llama.cpp":
                 stored = report["llama_cpp"]["weight_bytes"]
-                kv = shapes.kv_bytes_per_token(2)  # its KV cache is f16
+                kv = probe.kv_bytes_per_token(cfg, 2)  # its KV cache is f16
                 floors[name] = {b: (stored + b * s.decode_context * kv) / bandwidth for b in s.batches}
         bar.update(1 + (0 if found else len(prefill) + len(decode)))  # its points will not run
     vocab = cfg.vocab_size
-    points = _Points(cfg.max_position_embeddings, settings, shapes)
+    points = _Points(cfg.max_position_embeddings, settings, cfg)
     for row in prefill:
         bar.set_postfix_str(f"prefill {row['length']}")
         active = {}

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from llmc.bench.probe import (BusyMachineError, PeakMemory, Shapes, alternate, check_quiet, copy_bandwidth,
+from llmc.bench.probe import (BusyMachineError, PeakMemory, alternate, check_quiet, copy_bandwidth,
                               decode_floor_s, decode_step_bytes, device_slug, matmul_rate, median_of, prefill_floor_s,
                               prefill_flops, spread, time_call)
 from llmc.models.registry import get_config
@@ -15,8 +15,8 @@ H100_BYTES_PER_S = 3.35e12  # HBM3 bandwidth the design's floor uses
 H100_BF16_FLOPS = 989e12  # dense bf16 peak
 
 
-def qwen3_8b() -> Shapes:
-    return Shapes.from_config(get_config("qwen3-8b").to_dict())
+def qwen3_8b():
+    return get_config("qwen3-8b")
 
 
 def test_decode_floor_is_the_design_figure():

@@ -61,13 +61,12 @@ def test_every_system_measured_against_the_floor_and_the_best_peer(report):
 
 def test_lengths_beyond_the_model_are_capped_and_skipped():
     # Only the skip decisions: every point past the embedded model's 512 tokens is skipped, never run.
-    from llmc.bench.probe import Shapes
     from llmc.bench.run import BenchSettings, _Points
     from llmc.models.loader import read_config
     from llmc.models.registry import EMBEDDED_DIR
 
     cfg = read_config(EMBEDDED_DIR)
-    points = _Points(cfg.max_position_embeddings, BenchSettings(), Shapes.from_config(cfg.to_dict()))
+    points = _Points(cfg.max_position_embeddings, BenchSettings(), cfg)
     assert points.prefill_skip("eager", 1024, 4, "cpu").startswith("skipped: beyond the model's maximum of 512")
     assert points.prefill_skip("eager", 511, 4, "cpu") is None
     points.record("eager", 128, 100.0)  # pretend 128 tokens took 100 s: 511 must be judged over budget
