@@ -13,6 +13,7 @@ from llmc.models import ModelConfig, Transformer
 from llmc.models.loader import load_checkpoint
 from llmc.passes import block_attention
 from llmc.passes.pattern import PassContext
+from llmc.passes.options import CompileOptions
 from tests.passes.conftest import Logits, canonical, census
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
@@ -24,7 +25,7 @@ MASK_OPS = {aten.tril.default, aten.ones.default, aten.diff.default, aten.cumsum
 
 def rewrite(gm: torch.fx.GraphModule, **context) -> tuple[int, PassContext]:
     """Runs the pass as the pipeline does (dead-code elimination, lint, recompile after)."""
-    ctx = PassContext(**context)
+    ctx = PassContext(options=CompileOptions(**context))
     count = block_attention.run(gm, ctx)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -330,11 +331,6 @@ def test_paged_steps_with_a_window_give_transformers_logits(tiny_hf_checkpoint, 
     torch.testing.assert_close(torch.stack(logits, 1), want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_negative_window_is_refused():
-    with pytest.raises(ValueError, match="sliding window -1 is negative"):
-        PassContext(sliding_window=-1)
-
-
 # ---- attention sparsity ------------------------------------------------------------------------------------------
 
 SPARSE, KEEP, KEY_BLOCK = llmc.sparse_paged_attention.default, 0.2, 4  # 4-token blocks: the steps span up to 10
@@ -372,14 +368,8 @@ def test_attention_keep_zero_or_one_is_dense(fusion, keep):
 
 
 def test_causal_attention_stays_dense_and_says_so_once(hf_graphs):
-    ctx = PassContext(attention_keep=KEEP, attention_block=KEY_BLOCK)
+    ctx = PassContext(options=CompileOptions(attention_keep=KEEP, attention_block=KEY_BLOCK))
     for _ in range(2):  # one context over two graphs, as the pipeline runs prefill and decode
         _, gm = hf_graphs("qwen3", "sdpa", torch.float32)
         assert block_attention.run(gm, ctx) == LAYERS and census(gm)[CAUSAL] == LAYERS
     assert len(ctx.notes) == 1 and "causal_attention" in ctx.notes[0] and "stays dense" in ctx.notes[0]
-
-
-def test_a_non_positive_attention_block_is_refused(fusion):
-    (_, gm, _), _ = fusion.graphs("llmc", "llama", torch.float32)
-    with pytest.raises(ValueError, match="attention block 0 must be a positive"):
-        rewrite(gm, attention_keep=KEEP, attention_block=0)
