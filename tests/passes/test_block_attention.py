@@ -12,8 +12,8 @@ from llmc.compiler.trace import cache_slots, trace, unlift
 from llmc.models import ModelConfig, Transformer
 from llmc.models.loader import load_checkpoint
 from llmc.passes import block_attention
-from llmc.passes.pattern import PassContext
 from llmc.passes.options import CompileOptions
+from llmc.passes.pattern import PassContext
 from tests.passes.conftest import Logits, canonical, census
 
 aten, llmc = torch.ops.aten, torch.ops.llmc
