@@ -9,7 +9,6 @@ process spins a core (what a shared host does to us). The policies and condition
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -49,21 +48,14 @@ def decode_rate(bundle: Path, env: dict, threads: int, new_tokens: int, busy: bo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
-    p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
-    a = p.parse_args()
-    import llmc
+    import llmc  # before torch: the children set their own policies, this process only compiles
     from llmc.bench import probe
 
-    try:
-        load = probe.check_quiet(a.force)
-    except probe.BusyMachineError as e:
-        raise SystemExit(str(e)) from None
+    p = probe.script_parser(__doc__)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args()
+    load = probe.quiet_or_exit(a.force)
 
     bundle = llmc.compile("smollm2-135m-instruct", target="cpu", dtype=a.dtype,
                           out=Path(tempfile.mkdtemp(prefix="llmc-openmp-")) / "smol.llmc")

@@ -11,12 +11,14 @@ compiler. The floors are the time no implementation can beat on the measured dev
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -32,6 +34,26 @@ BUSY_LOAD = 0.5
 
 class BusyMachineError(ValueError):
     """A measurement was started on a busy machine."""
+
+
+def script_parser(doc: str, repeat: int = 5) -> argparse.ArgumentParser:
+    """A bench script's parser (described by its docstring's first paragraph) with the options every script takes:
+    --threads (pinned, equal for every system), --repeat, --force (measure on a busy machine, not for
+    publishing), --out (default bench/results/<device>)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=repeat)
+    p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
+    p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
+    return p
+
+
+def quiet_or_exit(force: bool = False) -> float:
+    """check_quiet for a script: a busy machine ends it with the one-line reason."""
+    try:
+        return check_quiet(force)
+    except BusyMachineError as e:
+        raise SystemExit(str(e)) from None
 
 
 def check_quiet(force: bool = False) -> float:

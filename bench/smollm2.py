@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import llmc  # noqa: I001  (first: it sets the OpenMP wait policy before torch loads)
 
-import argparse
 import json
 import os
 import tempfile
@@ -25,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from llmc.bench import systems
+from llmc.bench import probe, systems
 from llmc.models.gguf import GGUFFile
 from llmc.models.registry import packaged_file
-from llmc.bench import probe
 from llmc.runtime.bundle import open_bundle
 
 NAME = "smollm2-135m-instruct"
@@ -58,19 +56,12 @@ def weight_bytes(path: Path) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p = probe.script_parser(__doc__)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--systems", nargs="+", default=[*LLMC, "llama.cpp", *PEERS])
-    p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
-    p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
     a = p.parse_args()
-    try:
-        load = probe.check_quiet(a.force)
-    except probe.BusyMachineError as e:
-        raise SystemExit(str(e)) from None
+    load = probe.quiet_or_exit(a.force)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     file = packaged_file(NAME)

@@ -11,7 +11,6 @@ unprofiled wall - kernel time.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -37,24 +36,17 @@ def kernel_seconds(events) -> tuple[float, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--force", action="store_true", help="measure even on a busy machine (not for publishing)")
-    p.add_argument("--out", type=Path, help="results directory (default bench/results/<device>)")
-    a = p.parse_args()
     import llmc  # first: it sets the OpenMP wait policy before torch loads (llmc/openmp.py)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from llmc.bench import probe
 
-    try:
-        load = probe.check_quiet(a.force)
-    except probe.BusyMachineError as e:
-        raise SystemExit(str(e)) from None
+    p = probe.script_parser(__doc__)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--steps", type=int, default=64)
+    a = p.parse_args()
+    load = probe.quiet_or_exit(a.force)
 
     torch.set_num_threads(a.threads)
     engine = llmc.load(a.bundle, prefix_caching=False)
