@@ -91,16 +91,22 @@ REQUIRED = {"model": dict, "target": dict, "dtype": str, "max_seq_len": int, "bl
 
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
     """Writes bundle/manifest.json in one rename: a reader sees the old manifest or the new, never a part."""
-    text = json.dumps(manifest.to_json(), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=bundle, prefix=".tmp-manifest-")
+    write_atomically(Path(bundle) / MANIFEST, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+
+
+def write_atomically(path: Path, data) -> None:
+    """Writes `data` (bytes-like) to path through a synced temporary beside it (".tmp-*", which a bundle's reader
+    and the TensorRT build clean up after a crash) and one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, Path(bundle) / MANIFEST)
+        os.replace(temporary, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)
         raise
 
 

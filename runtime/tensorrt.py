@@ -12,13 +12,12 @@ allocated by torch, on torch's current stream. One execution context per optimiz
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llmc.common.contract import EXPORTED_INPUTS, MANIFEST, STEP_OUTPUTS, read_manifest, sha256_file, write_manifest
+from llmc.common.contract import (EXPORTED_INPUTS, MANIFEST, STEP_OUTPUTS, read_manifest, sha256_file, write_atomically,
+                                  write_manifest)
 from llmc.runtime.bundle import BundleError, HostInfo, detect_host, open_bundle
 
 TENSORRT_DIR = "tensorrt"
@@ -127,9 +126,9 @@ def build_engine(bundle_path: str | Path) -> Path:
     record_files(bundle_path, [], removed=old)
     for name in old:
         (bundle_path / name).unlink(missing_ok=True)
-    _write_atomically(bundle_path / plan, memoryview(serialized))
-    _write_atomically(timing_path, memoryview(config.get_timing_cache().serialize()))
-    _write_atomically(bundle_path / ENGINE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
+    write_atomically(bundle_path / plan, memoryview(serialized))
+    write_atomically(timing_path, memoryview(config.get_timing_cache().serialize()))
+    write_atomically(bundle_path / ENGINE_RECORD, (json.dumps(record, indent=2) + "\n").encode())
     record_files(bundle_path, [plan, TIMING_CACHE, ENGINE_RECORD])
     return bundle_path / plan
 
@@ -255,17 +254,3 @@ def _remove_unlisted_outputs(bundle_path: Path) -> None:
         ours = _is_plan(name) or name in (TIMING_CACHE, ENGINE_RECORD) or path.name.startswith(".tmp-")
         if ours and name not in listed and path.is_file():
             path.unlink()
-
-
-def _write_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
