@@ -1,9 +1,17 @@
-"""The compile entry: model source -> traced graphs -> pass pipeline -> bundle on disk."""
+"""The compile entry: model source -> traced graphs -> pass pipeline -> bundle on disk.
+
+Each compile makes its own CompileReport, and what a bundle's user needs of it is written into the bundle (the
+manifest's passes with their counts, and its kernel report). `llmc.last_report()` is a convenience over that: the
+report of the last compile in the caller's context, held in a context variable, not a process-wide one, so that
+compiles in other threads (or asyncio tasks) never replace the report a caller is about to read; llmc.compile's
+return value stays the bundle's path.
+"""
 from __future__ import annotations
 
 import json
 import tempfile
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,21 +58,22 @@ class CompileReport:
         return "\n\n".join([head, *notes, *(p.format() for p in self.pipelines), *kernels, f"time: {times}"])
 
 
-class _LastReport:
-    """Holds the report of the most recent compile in this process (llmc.last_report())."""
-
-    report = None  # CompileReport, or llmc.backend's BackendReport when torch.compile compiled last
+# The report of the most recent compile in this context (llmc.last_report()): a CompileReport, or llmc.backend's
+# BackendReport when torch.compile compiled last.
+_LAST_REPORT: ContextVar = ContextVar("llmc_last_report", default=None)
 
 
 def last_report():
-    """The CompileReport of the last `llmc.compile`, or the BackendReport of the last graph the torch.compile
-    backend compiled, whichever came last; None before either. Both have format() and to_dict()."""
-    return _LastReport.report
+    """The CompileReport of the last `llmc.compile` in this thread (this context), or the BackendReport of the last
+    graph the torch.compile backend compiled in it, whichever came last; None before either. Both have format()
+    and to_dict()."""
+    return _LAST_REPORT.get()
 
 
 def record_report(report) -> None:
-    """Makes `report` what last_report() returns (the torch.compile backend records its reports here)."""
-    _LastReport.report = report
+    """Makes `report` what last_report() returns in this context (the torch.compile backend records its reports
+    here)."""
+    _LAST_REPORT.set(report)
 
 
 def meta_model(source: ModelSource, dtype: torch.dtype) -> Transformer:

@@ -36,8 +36,9 @@ def load(path, **runtime_options):
 
 
 def last_report():
-    """The report of the last compile in this process: llmc.compile's CompileReport, or, when
-    torch.compile(..., backend="llmc") compiled last, the BackendReport of its last graph (llmc/backend.py)."""
+    """The report of the last compile in this thread: llmc.compile's CompileReport, or, when
+    torch.compile(..., backend="llmc") compiled last, the BackendReport of its last graph (llmc/backend.py).
+    Compiles in other threads do not change it; a bundle's manifest keeps its own compile's passes and counts."""
     from llmc.compiler.api import last_report as _last
 
     return _last()

@@ -6,13 +6,17 @@ is causal), running ones decode one token. Each step's keys and values go into t
 the engine passes (slot_mapping): graphs compiled with the fuse_kv_write pass write them there themselves
 (llmc::rope_write_kv); others return them (new_k, new_v) and the engine writes them with PagedKVCache.write. Before
 the step, it runs the block transfers the scheduler decided (copy-on-write, swaps to and from the host tier).
+On CUDA each graph call runs inside the engine's kernel scope, in which the Triton launchers launch its own
+bundle's shipped kernels: two engines in one process never use each other's.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import torch
@@ -72,6 +76,9 @@ class Engine:
     # Graphs that write every layer's keys and values into the cache themselves (see graph_writes_kv).
     graphs_writing_kv: frozenset[str] = frozenset()
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most tokens of one sequence a prefill graph call computes
+    # Entered around every graph call: on CUDA, the scope in which the launchers launch this engine's bundle's
+    # shipped kernels (codegen/triton/hooks.py `using`), whatever kernels other engines in the process use.
+    kernel_scope: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     @property
     def max_seq_len(self) -> int:
@@ -206,7 +213,9 @@ class Engine:
         table = self.cache.block_table_tensor(reads).to(dev)
         last = torch.tensor([n - 1 for n in lengths], dtype=torch.long, device=dev)
         slots = slot_mapping(blocks, cached, lengths, width, self.cache.block_size).to(dev)
-        logits, new_k, new_v = self.graphs[kind](ids, positions, self.cache.k, self.cache.v, table, past, last, slots)
+        with self.kernel_scope():
+            logits, new_k, new_v = self.graphs[kind](ids, positions, self.cache.k, self.cache.v, table, past, last,
+                                                     slots)
         if kind not in self.graphs_writing_kv:
             self.cache.write(blocks, cached, lengths, new_k, new_v)
         return logits
@@ -221,7 +230,8 @@ class Engine:
         zero = torch.zeros(1, dtype=torch.long, device=dev)
         nowhere = torch.full((1, 1), -1, dtype=torch.long, device=dev)  # a graph that writes the cache skips -1
         for graph in self.graphs.values():
-            graph(one, one, self.cache.k, self.cache.v, table, zero, zero, nowhere)
+            with self.kernel_scope():
+                graph(one, one, self.cache.k, self.cache.v, table, zero, zero, nowhere)
 
     @cached_property
     def chat_template(self) -> ChatTemplate:
@@ -294,42 +304,46 @@ def _uncached(seq: Sequence) -> list[int]:
     return seq.prompt[seq.cached:] + seq.output
 
 
-def _use_shipped_kernels(kernels_dir: Path) -> None:
-    """On CUDA the llmc ops run their Triton launchers, which launch the bundle's cubins (no Triton compilation)
-    where it ships them for this GPU; what it lacks, they JIT-compile."""
+def _shipped_kernel_scope(kernels_dir: Path) -> Callable[[], AbstractContextManager]:
+    """On CUDA the llmc ops run their Triton launchers, which inside the returned scope launch the bundle's cubins
+    (no Triton compilation) where it ships them for this GPU; what it lacks, they JIT-compile."""
     from llmc.codegen.triton import launch
+    from llmc.codegen.triton.record import ShippedKernels
     from llmc.runtime.kernels import KernelLibrary
 
     launch.register_cuda_impls()
     library = KernelLibrary(kernels_dir) if (kernels_dir / "index.json").is_file() else None
     if library is not None:
         library.load_all()
-    launch.use_library(library)
+    shipped = ShippedKernels(library) if library is not None else None
+    return partial(launch.using, shipped)
 
 
-def _load_graphs(bundle: Bundle, backend: str, dev: torch.device, dtype: torch.dtype) -> tuple[dict, frozenset]:
-    """The bundle's prefill and decode graphs for its backend, and those among them that write the KV cache."""
+def _load_graphs(bundle: Bundle, backend: str, dev: torch.device, dtype: torch.dtype
+                 ) -> tuple[dict, frozenset, Callable[[], AbstractContextManager]]:
+    """The bundle's prefill and decode graphs for its backend, those among them that write the KV cache, and the
+    kernel scope they run in (Engine.kernel_scope)."""
     if backend == "onnx":
         from llmc.runtime.onnx import OnnxGraph
 
         graph = OnnxGraph(bundle.path / bundle.manifest["onnx"]["file"], dev, dtype)
-        return {"prefill": graph, "decode": graph}, frozenset()
+        return {"prefill": graph, "decode": graph}, frozenset(), contextlib.nullcontext
     if backend == "tensorrt":
         from llmc.runtime.tensorrt import load_graphs
 
-        return load_graphs(bundle, dev), frozenset()
+        return load_graphs(bundle, dev), frozenset(), contextlib.nullcontext
     if backend != "triton":
         raise BundleError(f"{bundle.path} runs with backend {backend!r}, which this llmc does not know; upgrade "
                           f"llmc or recompile the bundle")
-    if dev.type == "cuda":
-        _use_shipped_kernels(bundle.path / "kernels")
+    scope = _shipped_kernel_scope(bundle.path / "kernels") if dev.type == "cuda" else contextlib.nullcontext
     weights = bundle.load_weights(dev)
     graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
     if dev.type == "cpu":
         for gm in graphs.values():
             call_directly(gm)  # skips the dispatcher's cost per llmc op call (codegen/cpu/direct.py)
     num_layers = bundle.config["num_layers"]
-    return graphs, frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, num_layers))
+    writing = frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, num_layers))
+    return graphs, writing, scope
 
 
 def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str | None = None,
@@ -366,7 +380,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     # A budget that does not depend on free GPU memory is checked before the weights load: a bad one fails fast.
     depends_on_free_memory = dev.type == "cuda" and kv_cache_memory is None and kv_cache_tokens is None
     budget = None if depends_on_free_memory else kv_cache_budget(*sizing)
-    graphs, writing = _load_graphs(bundle, backend, dev, dtype)
+    graphs, writing, kernel_scope = _load_graphs(bundle, backend, dev, dtype)
     if budget is None:
         budget = kv_cache_budget(*sizing)
     cache = PagedKVCache.from_budget(budget, cfg["num_layers"], block_size, cfg["num_kv_heads"], cfg["head_dim"],
@@ -377,7 +391,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
 
         tokenizer = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
     engine = Engine(bundle, dev, cache, graphs, max_batch, tokenizer, prefix_caching=prefix_caching,
-                    graphs_writing_kv=writing, prefill_chunk=prefill_chunk)
+                    graphs_writing_kv=writing, prefill_chunk=prefill_chunk, kernel_scope=kernel_scope)
     engine.warm_up()
     return engine
 

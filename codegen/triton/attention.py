@@ -14,7 +14,7 @@ import triton
 
 from llmc.codegen.triton import configs
 from llmc.codegen.triton.configs import Config
-from llmc.codegen.triton.hooks import Hooks, current_arch, dtype_name, empty_output, load
+from llmc.codegen.triton.hooks import active_recorder, current_arch, dtype_name, empty_output, load
 
 COMBINE_SPLITS_PER_STEP = 16
 
@@ -85,7 +85,7 @@ def _check_cache(k, k_cache, v_cache, block_table, past_lens) -> None:
 
 
 def _sm_count(device: torch.device, arch: str) -> int:
-    if device.type == "cuda" and Hooks.recorder is None:
+    if device.type == "cuda" and active_recorder() is None:
         return torch.cuda.get_device_properties(device).multi_processor_count
     return configs.SM_COUNT[arch]
 

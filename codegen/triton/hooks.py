@@ -1,11 +1,18 @@
 """What every launcher shares: which kernel `load()` hands it (the JIT kernel, a planning recorder's stand-in, or a
 bundle's shipped cubin), which arch's block configurations apply, and the dtype names and output allocation of
 the kernel specs. launch.py (the row, GEMM and rope launchers) and attention.py (the attention launchers) build on
-it; launch.py re-exports `recording`, `use_library`, `load` and `current_arch`.
+it; launch.py re-exports `recording`, `using`, `load` and `current_arch`.
+
+Both hooks are context variables, never process-wide state: a recorder replaces the kernels inside
+`recording(arch)`, a bundle's shipped kernels inside `using(shipped)`, which the engine that loaded them enters
+around each of its graph calls. So two engines in one process each launch their own bundle's kernels, whether their
+steps interleave in one thread, one engine steps inside another's callback, or they serve from separate threads
+(asyncio tasks included: each has its own context); and a torch.compile graph launches none of theirs.
 """
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 
 import torch
 from triton import knobs
@@ -16,12 +23,15 @@ from llmc.codegen.triton.record import KernelRecorder, LibraryKernel, ShippedKer
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class Hooks:
-    """What `load()` hands the launchers instead of the JIT kernel (record.py): a recorder while planning, the
-    bundle's shipped kernels on a GPU host serving it."""
+# What `load()` hands the launchers instead of the JIT kernel (record.py): a recorder while planning, a bundle's
+# shipped kernels while an engine serving it on a GPU host runs a graph.
+_RECORDER: ContextVar[KernelRecorder | None] = ContextVar("llmc_kernel_recorder", default=None)
+_SHIPPED: ContextVar[ShippedKernels | None] = ContextVar("llmc_shipped_kernels", default=None)
 
-    recorder: KernelRecorder | None = None
-    shipped: ShippedKernels | None = None
+
+def active_recorder() -> KernelRecorder | None:
+    """The recorder of the innermost `recording` block in this context, None outside one."""
+    return _RECORDER.get()
 
 
 @contextlib.contextmanager
@@ -30,34 +40,44 @@ def recording(arch: str):
     `specs`, with `arch`'s block configurations. Tensors may be on the meta device."""
     if arch not in configs.ARCHS or arch == "interpret":
         raise ValueError(f"no kernel configurations for arch {arch!r}; known: {', '.join(configs.ARCHS[:-1])}")
-    previous, Hooks.recorder = Hooks.recorder, KernelRecorder(arch)
+    recorder = KernelRecorder(arch)
+    token = _RECORDER.set(recorder)
     try:
-        yield Hooks.recorder
+        yield recorder
     finally:
-        Hooks.recorder = previous
+        _RECORDER.reset(token)
 
 
-def use_library(library) -> None:
-    """From now on compiled launches take the cubin `library` (runtime/kernels.py KernelLibrary) holds for their
-    spec, and JIT-compile only what it lacks; None: JIT only."""
-    Hooks.shipped = ShippedKernels(library) if library is not None else None
+@contextlib.contextmanager
+def using(shipped: ShippedKernels | None):
+    """Compiled launches inside take the cubin `shipped` (record.py ShippedKernels over a runtime/kernels.py
+    KernelLibrary, made once per loaded bundle) holds for their spec, and JIT-compile only what it lacks; None:
+    JIT only, whatever an enclosing block uses."""
+    token = _SHIPPED.set(shipped)
+    try:
+        yield
+    finally:
+        _SHIPPED.reset(token)
 
 
 def load(op: str, **spec):
     """The kernel `op`'s launcher launches: render.load's JIT kernel, unless a hook above replaces it."""
-    if Hooks.recorder is not None:
-        return Hooks.recorder.kernel(op, spec)
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        return recorder.kernel(op, spec)
     kernel = render.load(op, **spec)
-    if Hooks.shipped is not None and not knobs.runtime.interpret:
-        return LibraryKernel(Hooks.shipped, op, spec, kernel)
+    shipped = _SHIPPED.get()
+    if shipped is not None and not knobs.runtime.interpret:
+        return LibraryKernel(shipped, op, spec, kernel)
     return kernel
 
 
 def current_arch(device: torch.device) -> str:
     """The config table's arch for `device`: the recorded target's while recording, "interpret" under
     TRITON_INTERPRET, else sm_XY, an arch newer than the table's newest using the newest entry."""
-    if Hooks.recorder is not None:
-        return Hooks.recorder.arch
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        return recorder.arch
     if knobs.runtime.interpret:
         return "interpret"
     if device.type != "cuda":

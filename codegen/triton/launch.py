@@ -18,7 +18,7 @@ from llmc.codegen.triton.quant import launch_quant_linear
 from llmc.codegen.triton import sparse_attention
 from llmc.codegen.triton.sparse_attention import launch_sparse_paged_attention
 from llmc.codegen.triton.configs import Config
-from llmc.codegen.triton.hooks import current_arch, load, recording, use_library  # noqa: F401  (re-exported)
+from llmc.codegen.triton.hooks import current_arch, load, recording, using  # noqa: F401  (re-exported)
 from llmc.codegen.triton.hooks import dtype_name as _dtype_name, empty_output as _empty
 
 

@@ -6,7 +6,7 @@ block configuration, argument order) is used as is and never restated:
 
 - `RecordingKernel` (planning, `launch.recording(arch)`): launches nothing and records the launch's spec; the
   launcher ran on meta tensors, which carry every shape, stride, dtype and storage offset a spec depends on.
-- `LibraryKernel` (a GPU host serving a bundle, `launch.use_library(library)`): derives the spec of the real
+- `LibraryKernel` (a GPU host serving a bundle, inside `launch.using(shipped)`): derives the spec of the real
   launch the same way and launches the bundle's cubin of that key, or the JIT kernel where the bundle has none.
 
 Both go through `launch_spec`, so a launch at run time finds the cubin planned for it exactly when the planner

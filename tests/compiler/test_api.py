@@ -111,3 +111,22 @@ def test_sliding_window_options_that_cannot_work_are_refused(tmp_path, kwargs, m
     with pytest.raises(ValueError, match=message):
         llmc.compile("qwen3-0.6b", target="cpu", out=tmp_path / "w.llmc", **kwargs)
     assert not (tmp_path / "w.llmc").exists()
+
+
+def test_last_report_is_the_callers_own():
+    """A compile in another thread (the torch.compile backend's or llmc.compile's) leaves the report this thread
+    reads from llmc.last_report() as it was."""
+    import contextvars
+    import threading
+
+    from llmc.compiler.api import record_report
+
+    def body():
+        mine = object()
+        record_report(mine)
+        other = threading.Thread(target=record_report, args=(object(),))
+        other.start()
+        other.join()
+        assert llmc.last_report() is mine
+
+    contextvars.copy_context().run(body)  # the module's other tests keep their own last report

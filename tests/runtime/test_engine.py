@@ -1,5 +1,8 @@
 """Engine: batching, queueing through a small KV pool, block reuse, prefix sharing, offload and preemption,
-the KV budget, length limits and seeded sampling."""
+the KV budget, length limits and seeded sampling; two engines in one process launching their own kernels."""
+import functools
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -282,3 +285,70 @@ def test_gpu_kv_cache_fraction_follows_free_memory():
     assert abs(budget - free // 2) <= free // 50  # free memory moves a little between the two readings
     assert free > 64 * per_block, "the GPU is nearly full"
     assert kv_cache_budget(device, per_block, 16, 128) == 4 * 8 * per_block  # 4 sequences of 128 tokens
+
+
+def test_two_engines_each_launch_their_own_bundles_kernels(tiny_bundle, tmp_path, monkeypatch):
+    """Two engines in one process, each given the kernel scope load() gives an engine on CUDA over its bundle's
+    kernels/ (each library stands in for a bundle built for another target: here both ship the kernel the steps
+    launch), their steps interleaved and one engine generating inside the other's token callback: every launch
+    a graph makes goes to its own engine's library, none to the other's nor to the JIT kernel. With the kernels
+    chosen process-wide (the last loaded bundle's), engine a's launches went to b's library."""
+    from triton import knobs
+
+    from llmc.codegen.triton import launch, render
+    from llmc.runtime import engine as engine_module, kernels
+
+    spec = dict(dtype="float32", weight_dtype="float32", out_dtype="float32", n=32, block_n=32, num_warps=1)
+    x, weight = torch.randn(5, 32), torch.randn(32)
+    args = (x, weight, torch.empty_like(x), x.stride(0), 1e-6)
+    with launch.recording("sm_80") as recorder:
+        launch.load("rms_norm", **spec)[(5,)](*args, num_warps=1)
+    (planned,) = recorder.specs
+    libraries, jit_launches = {}, []
+
+    class Library:  # KernelLibrary's interface (a real one loads cubins onto a GPU); records its launches
+        def __init__(self, directory):
+            self.index = type("Index", (), {"kernels": {planned.key(): None}})()
+            self.launches = 0
+            libraries[Path(directory).parent.name] = self
+
+        def load_all(self):
+            return {}
+
+        def kernel(self, key):
+            def launch_kernel(grid, *runtime_args):
+                self.launches += 1
+            return launch_kernel
+
+    class JitKernel:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: jit_launches.append(grid)
+
+    monkeypatch.setattr(kernels, "KernelLibrary", Library)
+    monkeypatch.setattr(render, "load", lambda op, **spec: JitKernel())  # what a launch without a cubin compiles
+    _, bundle = tiny_bundle
+    engines, calls = {}, {}
+    for name in ("a", "b"):
+        (tmp_path / name / "kernels").mkdir(parents=True)
+        (tmp_path / name / "kernels" / "index.json").write_text("{}")
+        engine = engines[name] = llmc.load(bundle)
+        engine.kernel_scope = engine_module._shipped_kernel_scope(tmp_path / name / "kernels")
+        calls[name] = 0
+
+        def launching(*inputs, graph, name=name):
+            calls[name] += 1  # a step's llmc op on CUDA: its launcher loads the kernel and launches it
+            launch.load("rms_norm", **spec)[(5,)](*args, num_warps=1)
+            return graph(*inputs)
+
+        engine.graphs = {kind: functools.partial(launching, graph=g) for kind, g in engine.graphs.items()}
+    prompts = random_prompts(3, high=12, seed=0)
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = False  # shipped kernels serve compiled launches only
+        engines["a"].generate(prompts, max_new_tokens=3)
+        engines["b"].generate(prompts, max_new_tokens=2)
+        engines["a"].generate(prompts, max_new_tokens=2,
+                              on_token=lambda i, t: engines["b"].generate([[t]], max_new_tokens=1))
+        engines["b"].generate(prompts, max_new_tokens=1)
+    assert calls["a"] > 0 and calls["b"] > 0
+    assert {name: library.launches for name, library in libraries.items()} == calls
+    assert jit_launches == []

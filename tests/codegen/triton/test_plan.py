@@ -226,7 +226,7 @@ def test_recording_launches_nothing_and_restores():
     with pytest.raises(ValueError, match="no kernel configurations"):
         with launch.recording("sm_70"):
             pass
-    assert hooks.Hooks.recorder is None
+    assert hooks.active_recorder() is None
 
 
 def test_argument_types_follow_triton():
