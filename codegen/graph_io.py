@@ -17,6 +17,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from llmc.common.errors import LlmcError
+
 FORMAT = "llmc-graph/1"
 
 # Non-op call targets export produces for symbolic sizes. Loading resolves only these and torch.ops overloads.
@@ -32,7 +34,7 @@ NAMES_OF = {v: k for k, v in PY_TARGETS.items()}
 OP_NAMESPACES = ("aten", "llmc", "prims")
 
 
-class GraphFormatError(ValueError):
+class GraphFormatError(LlmcError, ValueError):
     pass
 
 

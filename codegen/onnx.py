@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from llmc.common.contract import EXPORTED_INPUTS, STEP_OUTPUTS
+from llmc.common.errors import LlmcError
 
 from . import onnx_ops
 from . import ops as _ops  # noqa: F401  (registers the llmc ops the graph calls)
@@ -51,7 +52,7 @@ BF16_SKIP = ("onnxruntime's CPU execution provider has no bfloat16 kernels (not 
              "model on a CUDA host to validate it")
 
 
-class OnnxExportError(ValueError):
+class OnnxExportError(LlmcError, ValueError):
     pass
 
 

@@ -17,6 +17,7 @@ TensorRT 10).
 """
 from __future__ import annotations
 
+from llmc.common.errors import LlmcError
 from llmc.common.targets import BF16_MIN_CAPABILITY, Target, describe
 
 SETTINGS_VERSION = 1
@@ -30,7 +31,7 @@ ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 PRECISION_FLAGS = {"float32": [], "float16": ["fp16"], "bfloat16": ["bf16"], "float8_e4m3fn": ["fp8"]}
 
 
-class TensorRTSettingsError(ValueError):
+class TensorRTSettingsError(LlmcError, ValueError):
     pass
 
 

@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from llmc.common.errors import LlmcError
+
 FORMAT = "llmc-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,7 +43,7 @@ EXPORTED_INPUTS = STEP_INPUTS[:-1]
 STEP_OUTPUTS = ("logits", "new_k", "new_v")
 
 
-class ManifestError(ValueError):
+class ManifestError(LlmcError, ValueError):
     """A manifest that is not one this llmc reads or writes (the reader and the writer word it for the user)."""
 
 

@@ -1,6 +1,6 @@
 """Compile targets: the hardware a bundle is built for, and what each one can legally compute in.
 
-A leaf module (standard library only) so that compiler/, passes/ and runtime/ can all ask it what is legal
+A leaf module (the standard library and llmc.common.errors only) so that compiler/, passes/ and runtime/ can all ask it what is legal
 without importing one another. Memory is the nominal board memory in GB; SM counts are those of the
 shipping SKU (A100 80 GB SXM, H100 SXM, H200 SXM).
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from llmc.common.errors import LlmcError, UsageError
 
 KNOWN_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
 
@@ -29,7 +31,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 BF16_MIN_CAPABILITY = (8, 0)
 
 
-class UnknownTargetError(ValueError):
+class UnknownTargetError(LlmcError, ValueError):
     pass
 
 
@@ -179,9 +181,9 @@ def resolve_dtype(target: Target, dtype: str | None) -> str:
         return target.default_dtype
     canonical = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if canonical not in KNOWN_DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(KNOWN_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; known: {', '.join(KNOWN_DTYPES)}")
     if not target.supports(canonical):
-        raise ValueError(f"{describe(target)} has no {canonical}; use --dtype {target.default_dtype} "
+        raise UsageError(f"{describe(target)} has no {canonical}; use --dtype {target.default_dtype} "
                          f"(legal on {target.name}: {', '.join(target.dtypes)})")
     return canonical
 

@@ -20,6 +20,7 @@ import torch
 import llmc
 from llmc.codegen.graph_io import graph_to_json
 from llmc.common.contract import GRAPH, KV_BLOCK_SIZE, MANIFEST, ManifestError, read_manifest
+from llmc.common.errors import UsageError
 from llmc.common.targets import get_target, resolve_dtype
 from llmc.compiler import artifact, pipeline
 from llmc.compiler.calibration import read_calibration
@@ -137,7 +138,7 @@ def compile(model: str | Path, target: str | None = None, out: str | Path | None
     source = resolve(model, weights)
     max_seq_len = options.max_seq_len or min(source.config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     if max_seq_len > source.config.max_position_embeddings:
-        raise ValueError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
+        raise UsageError(f"--max-seq-len must be in 1..{source.config.max_position_embeddings} for {source.name}")
     passes = options.passes
     names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, list) else passes)
     options.check_pass_names(names)
@@ -148,7 +149,7 @@ def compile(model: str | Path, target: str | None = None, out: str | Path | None
     if (options.check_passes or options.backend != "triton" or options.calibration) and not source.has_weights:
         what = ("--check-passes runs the graphs" if options.check_passes else
                 f"--backend {options.backend} validates the export" if options.backend != "triton" else "--calibration")
-        raise ValueError(f"{what} and needs weights: give a checkpoint or --weights DIR")
+        raise UsageError(f"{what} and needs weights: give a checkpoint or --weights DIR")
     out = Path(out) if out else Path(f"{source.name}-{tgt.name}.llmc")
     artifact.check_destination(out, overwrite)
     return _build(source, tgt, dtype_name, max_seq_len, names, out, progress, overwrite, options=options)
@@ -163,15 +164,15 @@ def bind(bundle: str | Path, weights: str | Path, out: str | Path | None = None,
     """
     bundle = Path(bundle)
     if not (bundle / MANIFEST).is_file():
-        raise ValueError(f"{bundle} is not an llmc bundle (no {MANIFEST})")
+        raise UsageError(f"{bundle} is not an llmc bundle (no {MANIFEST})")
     try:
         manifest = read_manifest(bundle)  # the contract's reader: the fields llmc.load relies on, typed
     except ManifestError as e:
-        raise ValueError(f"{bundle}: {e}; rebuild the bundle with llmc compile") from None
+        raise UsageError(f"{bundle}: {e}; rebuild the bundle with llmc compile") from None
     recorded = ModelConfig.from_dict(manifest.model)
     source = resolve(weights)
     if not source.config.same_model(recorded):
-        raise ValueError(f"--weights {weights} holds a different model than the bundle ({manifest.model.get('name')})")
+        raise UsageError(f"--weights {weights} holds a different model than the bundle ({manifest.model.get('name')})")
     source.name = manifest.model.get("name", source.name)
     names = list(dict.fromkeys(p["name"] for p in manifest.passes if p["graph"] == "prefill"))
     old_graph = json.loads((bundle / GRAPH).read_text())
@@ -279,7 +280,7 @@ def _build(source: ModelSource, tgt, dtype_name: str, max_seq_len: int, names: l
              "outputs": ["logits", "new_k", "new_v"],
              "graphs": {t.name: graph_to_json(t.gm) for t in graphs}}
     if expect_graph is not None and _structure(expect_graph) != _structure(graph):
-        raise ValueError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
+        raise UsageError("binding these weights changed the compiled graphs; recompile with llmc compile --weights")
     tensors = collect_weights(graphs)
     weight_stream = sorted(tensors.items()) if source.has_weights else None
     if options.backend != "triton":  # the weights live in the ONNX model (external data): not stored twice

@@ -28,10 +28,11 @@ from tqdm import tqdm
 # The format's names, fields and hashing are the contract's, which the reader (runtime/bundle.py) uses too.
 from llmc.common.contract import (FORMAT, FORMAT_VERSION, GRAPH, KERNELS_DIR, MANIFEST, REQUIRED, TOKENIZER_DIR,
                                   TOKENIZER_FILES, WEIGHTS_DIR, Manifest, ManifestError, sha256_file)
+from llmc.common.errors import LlmcError
 from llmc.common.targets import Target, resolve_dtype
 
 
-class BundleWriteError(ValueError):
+class BundleWriteError(LlmcError, ValueError):
     pass
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from llmc.common.errors import UsageError
 from llmc.compiler.trace import cache_slots
 from llmc.models import ModelConfig
 
@@ -36,16 +37,16 @@ def read_calibration(path: str | Path, tokenizer_dir: Path | None, config: Model
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read the calibration file {path}: {error}") from None
+        raise UsageError(f"cannot read the calibration file {path}: {error}") from None
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        raise ValueError("--calibration needs the model's tokenizer (tokenizer.json beside its weights)")
+        raise UsageError("--calibration needs the model's tokenizer (tokenizer.json beside its weights)")
     from tokenizers import Tokenizer
 
     ids = torch.tensor(Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).encode(text).ids)
     seq = min(seq_len, max_seq_len)
     count = min(windows, len(ids) // seq)
     if count < 1:
-        raise ValueError(f"the calibration file {path} holds {len(ids)} tokens; it needs at least {seq}")
+        raise UsageError(f"the calibration file {path} holds {len(ids)} tokens; it needs at least {seq}")
     rows = ids[: count * seq].view(count, seq)
     inputs = [prefill_inputs(rows[i:i + BATCH], config, dtype, block_size) for i in range(0, count, BATCH)]
     record = {"file": path.name, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "windows": count,

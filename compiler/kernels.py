@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from llmc.common.errors import UsageError
 from llmc.common.targets import Target
 
 
@@ -33,7 +34,7 @@ def aot_for_target(graphs, target: Target, workers: int | None = None) -> Kernel
     try:
         from llmc.codegen.triton import aot, plan
     except ImportError as e:
-        raise ValueError(f"compiling for {target.name} builds Triton kernels and needs triton ({e}): "
+        raise UsageError(f"compiling for {target.name} builds Triton kernels and needs triton ({e}): "
                          "pip install 'llmc[gpu]', or compile with --target cpu") from None
     start = time.perf_counter()
     per_graph = {t.name: plan.kernel_specs(t.gm, target.arch) for t in graphs}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
+from llmc.common.errors import LlmcError, UsageError
 from llmc.passes import (block_attention, fold_constants, fold_rope, fuse_add_norm, fuse_kv_write, fuse_norm_linear,
                          fuse_rms_norm, lower_cpu, merge_projections, quantize, sparsify, strip_asserts)
 from llmc.passes.graph_weights import releasing_weights
@@ -47,11 +48,11 @@ PASSES = [
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-class UnknownPassError(ValueError):
+class UnknownPassError(LlmcError, ValueError):
     pass
 
 
-class PassCheckError(ValueError):
+class PassCheckError(LlmcError, ValueError):
     """A pass changed the graph's outputs; `.report` holds the records of the passes before it."""
 
     report: PipelineReport | None = None
@@ -96,7 +97,7 @@ def resolve_passes(spec: str | None) -> list[str]:
     items = [item.strip() for item in spec.split(",") if item.strip()]
     excluded = [item.startswith("-") for item in items]
     if any(excluded) and not all(excluded):
-        raise ValueError(f"--passes {spec!r} mixes names and -names: list the passes to run, or only the ones to skip")
+        raise UsageError(f"--passes {spec!r} mixes names and -names: list the passes to run, or only the ones to skip")
     names = {item.removeprefix("-") for item in items}
     _check_known(names)
     if items and all(excluded):
@@ -166,8 +167,8 @@ def dump_point(passes: list[str], where: str) -> int:
         return passes.index(where)
     known = [name for _, name, _ in PASSES]
     if where in known:
-        raise ValueError(f"--dump-after {where}: that pass does not run in this compile (see --passes)")
-    raise ValueError(f"--dump-after {where!r} names no phase ({', '.join(phases)}) and no pass ({', '.join(known)})")
+        raise UsageError(f"--dump-after {where}: that pass does not run in this compile (see --passes)")
+    raise UsageError(f"--dump-after {where!r} names no phase ({', '.join(phases)}) and no pass ({', '.join(known)})")
 
 
 def _dump(gm: torch.fx.GraphModule, dump: tuple[str, str], graph_name: str, ran: list[str]) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule
 
+from llmc.common.errors import UsageError
 from llmc.common.targets import DTYPE_ALIASES, get_target, targets_with_capability
 from llmc.compiler import pipeline
 from llmc.compiler.api import record_report
@@ -65,7 +66,7 @@ class BackendOptions:
         options = dict(options or {})
         unknown = sorted(set(options).difference(OPTION_NAMES))
         if unknown:
-            raise ValueError(f"unknown llmc backend option {', '.join(map(repr, unknown))}; "
+            raise UsageError(f"unknown llmc backend option {', '.join(map(repr, unknown))}; "
                              f"known: {', '.join(OPTION_NAMES)}")
         passes = options.get("passes")
         names = pipeline.resolve_passes(",".join(passes) if isinstance(passes, (list, tuple)) else passes)
@@ -74,14 +75,14 @@ class BackendOptions:
             name = str(dtype).removeprefix("torch.").lower()
             name = DTYPE_ALIASES.get(name, name)
             if name not in COMPUTE_DTYPES:
-                raise ValueError(f"dtype option {dtype!r}: use auto or one of {', '.join(COMPUTE_DTYPES)}")
+                raise UsageError(f"dtype option {dtype!r}: use auto or one of {', '.join(COMPUTE_DTYPES)}")
             dtype = getattr(torch, name)
         max_seq_len = options.get("max_seq_len")
         if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 1):
-            raise ValueError(f"max_seq_len option must be a positive int, got {max_seq_len!r}")
+            raise UsageError(f"max_seq_len option must be a positive int, got {max_seq_len!r}")
         for flag in ("check_passes", "inductor"):
             if not isinstance(options.get(flag, False), bool):
-                raise ValueError(f"{flag} option must be True or False, got {options[flag]!r}")
+                raise UsageError(f"{flag} option must be True or False, got {options[flag]!r}")
         return cls(tuple(names), None if dtype in (None, "auto") else dtype, options.get("check_passes", False),
                    max_seq_len, options.get("inductor", False))
 
@@ -129,7 +130,7 @@ def llmc_backend(gm: GraphModule, example_inputs: Sequence, options: dict | None
                  mode: str | None = None) -> Callable:
     """The torch.compile backend (see the module docstring); dynamo calls it once per captured graph."""
     if mode is not None:
-        raise ValueError(f"the llmc backend has no mode {mode!r}: give options={{...}} instead")
+        raise UsageError(f"the llmc backend has no mode {mode!r}: give options={{...}} instead")
     opts = BackendOptions.parse(options)
     start = time.perf_counter()
     max_seq_len = opts.max_seq_len or _visible_max_positions()
@@ -202,7 +203,7 @@ def _freeze(dynamo_gm: GraphModule, example_inputs: Sequence, dtype: torch.dtype
     for position, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not _is_weight(value):
             if isinstance(value, torch.Tensor) and value.requires_grad:
-                raise ValueError(f"input {node.name} requires grad; the llmc backend compiles inference only: "
+                raise UsageError(f"input {node.name} requires grad; the llmc backend compiles inference only: "
                                  "run the model under torch.no_grad() or detach the input")
             frozen.runtime_positions.append(position)
             frozen.runtime_examples.append(value)
@@ -318,7 +319,7 @@ def _compile_lowered(lowered: _Lowered, frozen: _Frozen, opts: BackendOptions, m
                            f"{len(frozen.runtime_examples)} runtime inputs")
     cast_written = [frozen.names[i] for i in sorted(stay) if frozen.cast[i]]
     if cast_written:
-        raise ValueError(f"the graph writes into weight {cast_written[0]}, which the dtype option would copy: "
+        raise UsageError(f"the graph writes into weight {cast_written[0]}, which the dtype option would copy: "
                          "compile with dtype='auto'")
     for i, node in enumerate(placeholders[:weights]):
         if i not in stay:

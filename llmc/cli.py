@@ -1,4 +1,5 @@
-"""The `llmc` command line. User errors print one line and exit 1; no tracebacks."""
+"""The `llmc` command line. User errors (llmc.common.errors.LlmcError) print one line and exit 1; any other
+exception is a bug: its traceback, a line asking to report it, exit 70."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,10 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
 
+from llmc.common.errors import LlmcError, UsageError
 from llmc.passes.options import BACKENDS
 
 
@@ -76,9 +79,9 @@ def _run(a) -> None:
     from llmc.runtime.chat import Conversation
 
     if a.chat is not None and a.token_ids:
-        raise ValueError("--token-ids goes with --prompt: a --chat message is text")
+        raise UsageError("--token-ids goes with --prompt: a --chat message is text")
     if a.system is not None and a.chat is None:
-        raise ValueError("--system goes with --chat: a --prompt is continued as it is, without a chat template")
+        raise UsageError("--system goes with --chat: a --prompt is continued as it is, without a chat template")
     engine, load_s = _load_engine(a)
     if a.chat is not None:
         Conversation(engine, a.system).send(a.chat, on_text=_print_piece, **_sampling(a))
@@ -131,7 +134,7 @@ def parse_token_ids(text: str) -> list[int]:
     bad = next((w for w in words if not w.isdigit()), None)
     if bad is not None or not words:
         found = f"found {bad!r}" if bad is not None else "it is empty"
-        raise ValueError(f"--token-ids expects the prompt as token ids such as \"3 5 7\", but {found}")
+        raise UsageError(f"--token-ids expects the prompt as token ids such as \"3 5 7\", but {found}")
     return [int(w) for w in words]
 
 
@@ -148,7 +151,7 @@ def _eval(a) -> None:
     from llmc.runtime.evaluate import perplexity, read_text, token_ids
 
     if a.seq_len < 1 or a.batch < 1:
-        raise ValueError("--seq-len and --batch must be at least 1")
+        raise UsageError("--seq-len and --batch must be at least 1")
     text = read_text(a.perplexity)  # before the bundle loads: a wrong path fails fast
     # Room for one batch of windows, whatever the bundle's default pool (which must hold one max-length sequence).
     from llmc.runtime.bundle import open_bundle
@@ -182,9 +185,14 @@ def _bench(a) -> None:
     from llmc.bench.report import markdown, write_results
     from llmc.bench.run import run_bench
 
-    report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
-                       target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,
-                       peers=a.peers, force=a.force)
+    try:
+        report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
+                           target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,
+                           peers=a.peers, force=a.force)
+    except ValueError as e:
+        # bench/ still words its refusals (a busy machine, an unknown peer, a bad --lengths) as ValueErrors, not
+        # LlmcErrors; until it raises those, a ValueError from it is the user's, as it was before errors had a type.
+        raise UsageError(str(e)) from e
     out = a.out or os.path.join("bench", "results", report["device_slug"])
     written = write_results(report, out)
     print(markdown(report))
@@ -310,17 +318,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a user can cause; anything else is a bug and keeps its traceback.
+    """Exceptions a user can cause; anything else is a bug and keeps its traceback (llmc.common.errors).
 
-    OSError: paths, permissions, a full disk. SafetensorError: a truncated or corrupt weights file. KeyError:
-    a registry lookup, or a JSON file of the user's lacking a key (LLMC_DEBUG=1 shows where).
+    LlmcError: what llmc refuses, worded for the user. OSError: paths, permissions, a full disk.
+    SafetensorError: a truncated or corrupt weights file.
     """
     from safetensors import SafetensorError
 
-    from llmc.runtime.bundle import BundleError
-    from llmc.runtime.kv_cache import CacheFullError
-
-    return (ValueError, KeyError, BundleError, CacheFullError, OSError, SafetensorError)
+    return (LlmcError, OSError, SafetensorError)
 
 
 def describe_error(error: BaseException) -> str:
@@ -328,9 +333,11 @@ def describe_error(error: BaseException) -> str:
 
     if isinstance(error, SafetensorError):  # its message names neither the file nor a remedy
         return f"a weights file is not valid safetensors ({error}); re-download or re-export the checkpoint"
-    if isinstance(error, KeyError) and error.args:  # str() of a KeyError is the repr of its key
-        return str(error.args[0])
     return str(error)
+
+
+BUG_REPORT = "llmc: this is a bug in llmc; please report it with the traceback above"
+BUG_EXIT = 70  # EX_SOFTWARE (sysexits.h): an internal error, as opposed to 1, a user's
 
 
 def join_option_values(argv: list[str]) -> list[str]:
@@ -363,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:
         print(f"llmc: error: {describe_error(e)}", file=sys.stderr)
         return 1
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return BUG_EXIT
     return 0
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llmc.common.errors import LlmcError
+
 from .config import ModelConfig
 from .transformer import Transformer
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LlmcError, ValueError):
     """A checkpoint directory the user pointed at is unusable; the message says why in one line."""
 
 

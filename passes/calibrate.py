@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 import llmc.codegen.ops  # noqa: F401  (registers torch.ops.llmc)
 from llmc.codegen.ops import _normalize
+from llmc.common.errors import LlmcError
 
 from .graph_weights import is_weight, read, val
 
@@ -27,7 +28,7 @@ aten, llmc = torch.ops.aten, torch.ops.llmc
 SAMPLE_ROWS = 256
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LlmcError, ValueError):
     """Calibration cannot run (no inputs, no weights); the message says what to give instead."""
 
 

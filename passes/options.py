@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmc.common.errors import UsageError
+
 BACKENDS = ("triton", "onnx", "tensorrt")
 
 
@@ -36,26 +38,26 @@ class CompileOptions:
 
     def __post_init__(self):
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int) or self.max_seq_len < 1):
-            raise ValueError(f"--max-seq-len must be at least 1, got {self.max_seq_len}")
+            raise UsageError(f"--max-seq-len must be at least 1, got {self.max_seq_len}")
         if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
-            raise ValueError(f"--sliding-window must be a whole number >= 0 (0 = full attention), "
+            raise UsageError(f"--sliding-window must be a whole number >= 0 (0 = full attention), "
                              f"got {self.sliding_window!r}")
         if self.sliding_window and self.check_passes:
-            raise ValueError("--check-passes compares with the unpassed full-attention graphs, which "
+            raise UsageError("--check-passes compares with the unpassed full-attention graphs, which "
                              "--sliding-window changes on purpose: use one or the other")
         if self.backend not in BACKENDS:
-            raise ValueError(f"unknown --backend {self.backend!r}; one of {', '.join(BACKENDS)}")
+            raise UsageError(f"unknown --backend {self.backend!r}; one of {', '.join(BACKENDS)}")
         if not 0.0 <= self.attention_keep <= 1.0:
-            raise ValueError(f"--attention-keep must be in [0, 1] (0 or 1 = dense attention), "
+            raise UsageError(f"--attention-keep must be in [0, 1] (0 or 1 = dense attention), "
                              f"got {self.attention_keep}")
         if self.attention_block < 1:
-            raise ValueError(f"--attention-block must be at least 1, got {self.attention_block}")
+            raise UsageError(f"--attention-block must be at least 1, got {self.attention_block}")
         if self.dump_after is not None:
             if len(self.dump_after) != 2 or not all(self.dump_after):
-                raise ValueError(f"--dump-after takes a phase (or a pass) and a directory, got {self.dump_after!r}")
+                raise UsageError(f"--dump-after takes a phase (or a pass) and a directory, got {self.dump_after!r}")
             object.__setattr__(self, "dump_after", tuple(str(v) for v in self.dump_after))
         if self.lossy and self.check_passes:
-            raise ValueError("--check-passes compares every pass with the unpassed graph at rounding tolerance, "
+            raise UsageError("--check-passes compares every pass with the unpassed graph at rounding tolerance, "
                              "which quantization and sparsity exceed on purpose: judge them with llmc eval instead")
 
     @classmethod
@@ -70,7 +72,7 @@ class CompileOptions:
         if unknown:
             raise TypeError(f"unknown compile option {unknown[0]!r}")
         if quant is not None and quant_policy is not None:
-            raise ValueError("give --quant SCHEME or --quant-policy FILE, not both (a policy names its schemes)")
+            raise UsageError("give --quant SCHEME or --quant-policy FILE, not both (a policy names its schemes)")
         config = load_policy(quant_policy) if quant_policy is not None else config_for_scheme(quant) if quant else None
         if quant_group_size is not None:
             config = _with_group_size(config, quant_group_size)
@@ -78,9 +80,9 @@ class CompileOptions:
         sparse = SparsityConfig.from_policy(config, method) if isinstance(config, QuantPolicy) else None
         if sparsity not in (None, "none"):
             if sparsity != "2:4":
-                raise ValueError(f"--sparsity {sparsity!r} is not supported; the one structured pattern is 2:4")
+                raise UsageError(f"--sparsity {sparsity!r} is not supported; the one structured pattern is 2:4")
             if quant is not None:
-                raise ValueError("--sparsity 2:4 and --quant would claim the same layers (llmc applies one per "
+                raise UsageError("--sparsity 2:4 and --quant would claim the same layers (llmc applies one per "
                                  "layer): give a --quant-policy naming which layer kinds get which")
             sparse = sparse or SparsityConfig(method=method)
         return cls(quant=config, sparsity=sparse, **options)
@@ -99,9 +101,9 @@ class CompileOptions:
     def check_pass_names(self, names: list[str]) -> None:
         """The options a pass applies need that pass in the pipeline."""
         if self.sliding_window and "block_attention" not in names:
-            raise ValueError("--sliding-window is applied by the block_attention pass: do not exclude it with --passes")
+            raise UsageError("--sliding-window is applied by the block_attention pass: do not exclude it with --passes")
         if 0 < self.attention_keep < 1 and "block_attention" not in names:
-            raise ValueError("--attention-keep is applied by the block_attention pass: do not exclude it with --passes")
+            raise UsageError("--attention-keep is applied by the block_attention pass: do not exclude it with --passes")
 
     def to_manifest(self) -> dict:
         """The options that change the computed function, as the manifest records them."""
@@ -135,10 +137,10 @@ def _with_group_size(config, group_size: int):
 
     if isinstance(config, QuantPolicy):
         if not any(isinstance(c, int4) for c in config.rules.values()):
-            raise ValueError("--quant-group-size: this policy has no int4 rule to apply it to")
+            raise UsageError("--quant-group-size: this policy has no int4 rule to apply it to")
         rules = {kind: _with_group_size(c, group_size) if isinstance(c, int4) else c
                  for kind, c in config.rules.items()}
         return dataclasses.replace(config, rules=rules)
     if not isinstance(config, int4):
-        raise ValueError("--quant-group-size applies to the int4 schemes (int4, int4-awq, w4a8, mixed)")
+        raise UsageError("--quant-group-size applies to the int4 schemes (int4, int4-awq, w4a8, mixed)")
     return dataclasses.replace(config, group_size=group_size)

@@ -36,6 +36,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmc.common.errors import LlmcError
+
 CONFIG_VERSION = 1
 POLICY_VERSION = 1
 KINDS = ("attention", "mlp", "lm_head", "other")
@@ -44,7 +46,7 @@ SPARSITY_PATTERNS = ("2:4",)
 POLICY_DIR = Path(__file__).parent / "policies"
 
 
-class QuantConfigError(ValueError):
+class QuantConfigError(LlmcError, ValueError):
     """A config, scheme name, policy file or stored config a user gave is not valid (one-line message)."""
 
 

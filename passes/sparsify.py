@@ -28,6 +28,7 @@ import torch
 from torch.fx import GraphModule
 
 from llmc.codegen.sparse_linear import compress_24, prune_24
+from llmc.common.errors import UsageError
 
 from .calibrate import CalibrationError, Gemm, collect_stats, gemms
 from .graph_weights import add_weight, drop_unread, finish_node, read, val
@@ -53,12 +54,12 @@ class SparsityConfig:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
         object.__setattr__(self, "kinds", kinds)
         if self.pattern not in PATTERNS:
-            raise ValueError(f"sparsity pattern {self.pattern!r} is not supported; use one of {', '.join(PATTERNS)}")
+            raise UsageError(f"sparsity pattern {self.pattern!r} is not supported; use one of {', '.join(PATTERNS)}")
         if self.method not in METHODS:
-            raise ValueError(f"sparsity method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+            raise UsageError(f"sparsity method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown or not kinds:
-            raise ValueError(f"sparsity layer kinds {list(kinds)}: name one or more of {', '.join(KINDS)} (the "
+            raise UsageError(f"sparsity layer kinds {list(kinds)}: name one or more of {', '.join(KINDS)} (the "
                              "lm_head stays dense)")
 
     def to_dict(self) -> dict:
@@ -67,7 +68,7 @@ class SparsityConfig:
     @classmethod
     def from_dict(cls, data: dict) -> SparsityConfig:
         if data.get("version") != cls.VERSION:
-            raise ValueError(f"sparsity config version {data.get('version')} is not {cls.VERSION}: rebuild the "
+            raise UsageError(f"sparsity config version {data.get('version')} is not {cls.VERSION}: rebuild the "
                              "bundle with this llmc")
         return cls(pattern=data["pattern"], method=data["method"], kinds=tuple(data["kinds"]))
 
@@ -75,11 +76,11 @@ class SparsityConfig:
     def from_policy(cls, policy, method: str = "magnitude") -> SparsityConfig | None:
         """The config a QuantPolicy's sparsity table asks for (None: no kind is sparse)."""
         if policy.sparsity_for("lm_head") is not None:
-            raise ValueError("the policy asks for a sparse lm_head; llmc keeps the lm_head dense: drop its sparsity")
+            raise UsageError("the policy asks for a sparse lm_head; llmc keeps the lm_head dense: drop its sparsity")
         patterns = {kind: policy.sparsity_for(kind) for kind in KINDS}
         chosen = {p for p in patterns.values() if p is not None}
         if len(chosen) > 1:
-            raise ValueError(f"the policy mixes sparsity patterns {sorted(chosen)}; use one pattern")
+            raise UsageError(f"the policy mixes sparsity patterns {sorted(chosen)}; use one pattern")
         kinds = tuple(kind for kind, p in patterns.items() if p is not None)
         return cls(pattern=chosen.pop(), method=method, kinds=kinds) if kinds else None
 

@@ -20,12 +20,13 @@ from safetensors import safe_open
 
 from llmc.common.contract import (FORMAT, GRAPH, MANIFEST, TOKENIZER_DIR, WEIGHTS_DIR, Manifest, ManifestError,
                                   sha256_file)
+from llmc.common.errors import LlmcError
 from llmc.common.targets import Target, describe, host_isa, isa_at_least, targets_with_capability
 
 REBUILD = "rebuild the bundle with llmc compile"
 
 
-class BundleError(Exception):
+class BundleError(LlmcError):
     pass
 
 

@@ -23,6 +23,8 @@ import jinja2.ext
 import jinja2.sandbox
 import jinja2.utils
 
+from llmc.common.errors import UsageError
+
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
 LEGACY_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -40,7 +42,7 @@ class ChatTemplate:
         try:
             self._template = _compile(source)
         except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template does not compile: {e}") from None
+            raise UsageError(f"the chat template does not compile: {e}") from None
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> ChatTemplate | None:
@@ -55,7 +57,7 @@ class ChatTemplate:
             if isinstance(source, list):  # named templates: [{"name": ..., "template": ...}]
                 named = {entry["name"]: entry["template"] for entry in source}
                 if "default" not in named:
-                    raise ValueError(f"{directory / CONFIG_FILE} has chat templates {sorted(named)} but none named "
+                    raise UsageError(f"{directory / CONFIG_FILE} has chat templates {sorted(named)} but none named "
                                      f"'default'")
                 source = named["default"]
         if not source:
@@ -66,17 +68,17 @@ class ChatTemplate:
         """The prompt text for messages ([{"role": "user", "content": "..."}, ...]); with add_generation_prompt it
         ends where the assistant's reply begins. variables: extra template variables (tools, documents, ...)."""
         if not messages:
-            raise ValueError("a chat needs at least one message")
+            raise UsageError("a chat needs at least one message")
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
-                raise ValueError(f"message {i} is a {type(m).__name__}, not a dict with 'role' and 'content'")
+                raise UsageError(f"message {i} is a {type(m).__name__}, not a dict with 'role' and 'content'")
         # transformers drops None values (content=None from OpenAI-style clients), which templates handle badly.
         chat = [{k: v for k, v in m.items() if v is not None} for m in messages]
         context = {"tools": None, "documents": None, **self.special_tokens, **variables}
         try:
             return self._template.render(messages=chat, add_generation_prompt=add_generation_prompt, **context)
         except jinja2.TemplateError as e:
-            raise ValueError(f"the chat template refused the messages: {e}") from None
+            raise UsageError(f"the chat template refused the messages: {e}") from None
 
     def encode(self, tokenizer, messages: list[dict], **variables) -> list[int]:
         """render(messages) as token ids of `tokenizer` (a tokenizers.Tokenizer)."""
@@ -190,11 +192,11 @@ def stream_text(engine, prompt: list[int], max_new_tokens: int, temperature: flo
 def bundle_template(engine) -> ChatTemplate:
     """An engine's chat template, from its bundle's tokenizer folder; ValueError when it has none."""
     if engine.tokenizer is None:
-        raise ValueError(f"{engine.bundle.path} has no tokenizer, so it cannot chat; generate from token ids "
+        raise UsageError(f"{engine.bundle.path} has no tokenizer, so it cannot chat; generate from token ids "
                          f"instead (llmc run --prompt IDS --token-ids)")
     template = ChatTemplate.from_dir(engine.bundle.tokenizer_dir)
     if template is None:
-        raise ValueError(f"{engine.bundle.path} has no chat template (its model's tokenizer defines none); "
+        raise UsageError(f"{engine.bundle.path} has no chat template (its model's tokenizer defines none); "
                          f"generate from plain text instead (llmc run --prompt TEXT)")
     return template
 
@@ -221,7 +223,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
 
 
 class _Namespace(jinja2.utils.Namespace):

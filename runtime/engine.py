@@ -25,6 +25,7 @@ from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs cal
 from llmc.codegen.cpu.direct import call_directly
 from llmc.codegen.graph_io import graph_from_json, resolve_target
 from llmc.common.contract import DEFAULT_MAX_BATCH, STEP_INPUTS
+from llmc.common.errors import LlmcError, UsageError
 from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
 from llmc.runtime.chat import ChatTemplate, bundle_template, reply
@@ -40,7 +41,7 @@ DEFAULT_CUDA_FRACTION = 0.9
 DEFAULT_PREFILL_CHUNK = 512
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(LlmcError, ValueError):
     pass
 
 
@@ -96,17 +97,17 @@ class Engine:
         on_token(index, token_id) is called as each token is generated, index being its prompt's position in
         prompts: what it receives for an index, in order, is that prompt's returned list."""
         if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
+            raise UsageError("max_new_tokens must be at least 1")
         for i, p in enumerate(prompts):
             if not p:
-                raise ValueError(f"prompt {i} is empty")
+                raise UsageError(f"prompt {i} is empty")
             if len(p) + max_new_tokens > self.max_seq_len:
                 raise PromptTooLongError(
                     f"prompt {i} has {len(p)} tokens; with {max_new_tokens} new tokens that exceeds the bundle's "
                     f"maximum sequence length {self.max_seq_len} (recompile with a larger --max-seq-len)")
             bad = [t for t in p if not 0 <= t < self.bundle.config["vocab_size"]]
             if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary")
+                raise UsageError(f"prompt {i} has token id {bad[0]} outside the vocabulary")
         seqs = [Sequence(i, list(p), max_new_tokens) for i, p in enumerate(prompts)]
         self.kv_stats = KVStats()
         blocks = BlockManager(self.cache.pool, self.cache.host_pool, self.prefix_caching, self.kv_stats)
@@ -250,12 +251,12 @@ class Engine:
 
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer; pass token ids instead of text")
+            raise UsageError("this bundle has no tokenizer; pass token ids instead of text")
         return self.tokenizer.decode(tokens)
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer; pass token ids instead of text")
+            raise UsageError("this bundle has no tokenizer; pass token ids instead of text")
         return self.tokenizer.encode(text).ids
 
 
@@ -368,9 +369,9 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
         raise BundleError(f"{path} was compiled by an older llmc whose graphs take no slot_mapping input; "
                           "compile it again")
     if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        raise UsageError(f"max_batch must be at least 1, got {max_batch}")
     if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        raise UsageError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
     offload = parse_memory_size(kv_offload_memory)
     dev = torch.device(device or ("cuda" if bundle.target.get("arch", "cpu") != "cpu" else "cpu"))
     cfg, block_size, dtype = bundle.config, bundle.manifest["block_size"], getattr(torch, bundle.dtype)
@@ -402,19 +403,19 @@ def kv_cache_budget(device: torch.device, per_block: int, block_size: int, max_s
     given = [name for name, value in (("kv_cache_memory", memory), ("kv_cache_fraction", fraction),
                                       ("kv_cache_tokens", tokens)) if value is not None]
     if len(given) > 1:
-        raise ValueError(f"give only one of {' and '.join(given)} (--kv-cache-*): each sets the KV cache size")
+        raise UsageError(f"give only one of {' and '.join(given)} (--kv-cache-*): each sets the KV cache size")
     longest = -(-max_seq_len // block_size) * per_block
     if memory is not None:
         budget = parse_memory_size(memory)
     elif tokens is not None:
         if tokens < 1:
-            raise ValueError(f"kv_cache_tokens must be at least 1, got {tokens}")
+            raise UsageError(f"kv_cache_tokens must be at least 1, got {tokens}")
         budget = -(-tokens // block_size) * per_block
     elif fraction is not None:
         if not 0 < fraction <= 1:
-            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
+            raise UsageError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
         if device.type != "cuda":
-            raise ValueError(f"kv_cache_fraction needs a CUDA device, not {device}; give kv_cache_memory "
+            raise UsageError(f"kv_cache_fraction needs a CUDA device, not {device}; give kv_cache_memory "
                              f"(--kv-cache-memory) instead")
         budget = int(torch.cuda.mem_get_info(device)[0] * fraction)
     else:
@@ -422,7 +423,7 @@ def kv_cache_budget(device: torch.device, per_block: int, block_size: int, max_s
         if device.type == "cuda":
             budget = min(budget, int(torch.cuda.mem_get_info(device)[0] * DEFAULT_CUDA_FRACTION))
     if budget < longest:
-        raise ValueError(
+        raise UsageError(
             f"a KV cache of {format_bytes(budget)} holds {budget // per_block * block_size} tokens, fewer than one "
             f"sequence of the bundle's max_seq_len {max_seq_len}; give it at least {format_bytes(longest)} "
             f"({longest} bytes, --kv-cache-memory) or recompile with a smaller --max-seq-len")

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from llmc.common.errors import UsageError
 
 @dataclass
 class PerplexityResult:
@@ -38,12 +39,12 @@ def read_text(path) -> str:
     try:
         return open(path, encoding="utf-8").read()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
+        raise UsageError(f"cannot read {path}: {error}") from None
 
 
 def token_ids(engine, text: str) -> torch.Tensor:
     if engine.tokenizer is None:
-        raise ValueError("this bundle has no tokenizer to read the perplexity file with")
+        raise UsageError("this bundle has no tokenizer to read the perplexity file with")
     return torch.tensor(engine.tokenizer.encode(text).ids, dtype=torch.long)
 
 
@@ -56,14 +57,14 @@ def perplexity(engine, token_ids: torch.Tensor, seq_len: int = 256, max_windows:
                batch_size: int = 16) -> PerplexityResult:
     """exp(mean negative log-likelihood) of the windows' predictions under the bundle's graphs."""
     if seq_len < 1 or seq_len > engine.max_seq_len:
-        raise ValueError(f"--seq-len must be in 1..{engine.max_seq_len} (the bundle's --max-seq-len), got {seq_len}")
+        raise UsageError(f"--seq-len must be in 1..{engine.max_seq_len} (the bundle's --max-seq-len), got {seq_len}")
     if batch_size < 1:
-        raise ValueError(f"--batch must be at least 1, got {batch_size}")
+        raise UsageError(f"--batch must be at least 1, got {batch_size}")
     windows = (len(token_ids) - 1) // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)
     if windows < 1:
-        raise ValueError(f"the text holds {len(token_ids)} tokens: more than {seq_len} are needed to score one window")
+        raise UsageError(f"the text holds {len(token_ids)} tokens: more than {seq_len} are needed to score one window")
     pool = engine.cache.pool
     batch_size = min(batch_size, windows, max(1, pool.num_free // pool.blocks_for(seq_len)))
     start, total_nll = time.perf_counter(), 0.0

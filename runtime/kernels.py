@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from llmc.common.errors import LlmcError
 from llmc.common.targets import targets_with_capability
 from llmc.runtime.bundle import HostInfo, detect_host
 
@@ -38,7 +39,7 @@ ELFABIVERSION_CUDA_V1 = 7  # up to sm_90: SM number in e_flags bits 0-7; from V2
 REBUILD = "rebuild the bundle with llmc compile"
 
 
-class KernelError(Exception):
+class KernelError(LlmcError):
     pass
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from llmc.common.errors import LlmcError, UsageError
 
-class CacheFullError(RuntimeError):
+class CacheFullError(LlmcError, RuntimeError):
     """The pool holds fewer free blocks than asked for."""
 
 
@@ -208,7 +209,7 @@ class PagedKVCache:
         per_block = block_bytes(num_layers, block_size, num_kv_heads, head_dim, dtype)
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
-            raise ValueError(f"a KV cache budget of {budget_bytes} bytes holds no block ({per_block} bytes each); "
+            raise UsageError(f"a KV cache budget of {budget_bytes} bytes holds no block ({per_block} bytes each); "
                              f"raise the KV cache memory budget or lower the block size")
         return cls(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
                    host_blocks=max(0, host_budget_bytes) // per_block)
@@ -365,18 +366,18 @@ def parse_memory_size(size: int | str) -> int:
     """Bytes from an int or a string such as "2GiB", "512 MiB", "1.5GB" or "1048576" (KiB/MiB/GiB/TiB are
     powers of 1024, KB/MB/GB/TB powers of 1000, a bare K/M/G/T is binary)."""
     if isinstance(size, bool):
-        raise ValueError(f"memory size must be bytes or a string such as '2GiB', got {size!r}")
+        raise UsageError(f"memory size must be bytes or a string such as '2GiB', got {size!r}")
     if isinstance(size, int):
         value = size
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
         unit = match and match.group(2).lower()
         if not match or unit not in _UNITS:
-            raise ValueError(f"cannot read memory size {size!r}; write bytes or a number with KiB, MiB or GiB, "
+            raise UsageError(f"cannot read memory size {size!r}; write bytes or a number with KiB, MiB or GiB, "
                              f"such as 2GiB")
         value = int(float(match.group(1)) * _UNITS[unit])
     if value < 0:
-        raise ValueError(f"memory size must not be negative, got {size!r}")
+        raise UsageError(f"memory size must not be negative, got {size!r}")
     return value
 
 

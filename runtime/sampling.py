@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from llmc.common.errors import UsageError
 
 def make_generators(seed: int | None, seq_ids: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One generator per sequence, seeded seed + seq_id; seeded from OS entropy when seed is None."""
@@ -33,9 +34,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise UsageError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     if generators is not None and len(generators) != logits.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {logits.shape[0]}; pass one per row")
     if temperature == 0:

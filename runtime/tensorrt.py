@@ -18,6 +18,7 @@ import torch
 
 from llmc.common.contract import (EXPORTED_INPUTS, MANIFEST, STEP_OUTPUTS, read_manifest, sha256_file, write_atomically,
                                   write_manifest)
+from llmc.common.errors import UsageError
 from llmc.runtime.bundle import BundleError, HostInfo, detect_host, open_bundle
 
 TENSORRT_DIR = "tensorrt"
@@ -188,7 +189,7 @@ class TensorRTGraph:
     def __call__(self, input_ids, positions, k_cache, v_cache, block_table, past_lens, last_index,
                  slot_mapping=None):
         if k_cache.shape[1] > self.max_cache_blocks:
-            raise ValueError(f"the KV cache has {k_cache.shape[1]} blocks but the TensorRT engine takes at most "
+            raise UsageError(f"the KV cache has {k_cache.shape[1]} blocks but the TensorRT engine takes at most "
                              f"{self.max_cache_blocks}; give the KV cache less memory (--kv-cache-memory)")
         stream = torch.cuda.current_stream(self.device)
         bound = []  # keeps any contiguous copy alive until the engine has run; the engine's inputs are contiguous

@@ -24,12 +24,13 @@ from torch import fx
 from llmc.codegen.triton import configs, launch
 from llmc.codegen.triton.aot import KernelSpec
 from llmc.codegen.triton.configs import DECODE_MAX_M
+from llmc.common.errors import LlmcError
 
 # The size every symbolic dim takes when planning a shape class: the token count then falls in that class.
 CLASS_DIM_SIZE = {"decode": 1, "prefill": DECODE_MAX_M + 1}
 
 
-class PlanError(ValueError):
+class PlanError(LlmcError, ValueError):
     pass
 
 

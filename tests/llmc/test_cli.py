@@ -2,7 +2,8 @@
 
 One tiny Qwen3 checkpoint is compiled once for the module (--max-seq-len 16, so the same bundle serves the
 too-long-prompt case); tests that tamper with a bundle copy it first. A user error must come out as exactly one
-stderr line "llmc: error: ..." with exit code 1 and no traceback.
+stderr line "llmc: error: ..." with exit code 1 and no traceback; any other exception is a bug and shows its
+traceback and a line asking to report it.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llmc
+from llmc.cli import BUG_EXIT, BUG_REPORT, main
+from llmc.common.errors import LlmcError
 from llmc.common.targets import TARGETS
 from llmc.runtime.engine import DEFAULT_PREFILL_CHUNK
 from llmc.runtime.plan import plan_bundle
@@ -342,6 +345,33 @@ def test_prompt_over_the_maximum_length_says_how_to_fix(bundle):
 def test_token_ids_that_are_not_numbers(bundle):
     result = llmc_cli("run", bundle, "--prompt", "3 5 seven", "--token-ids")
     assert_user_error(result, "--token-ids", "'seven'")
+
+
+# --- bugs: the traceback and a line asking to report it ---------------------------------------------------------
+
+@pytest.mark.parametrize("error", [ValueError, KeyError, RuntimeError])
+def test_a_bug_keeps_its_traceback_even_as_a_value_or_key_error(error, monkeypatch, capsys):
+    """A ValueError or KeyError from inside llmc is no user's error (those are LlmcErrors): it is not worded as one."""
+    def broken():
+        raise error("an invariant of llmc's own broke")
+
+    monkeypatch.setattr("llmc.common.targets.format_targets", broken)  # what `llmc targets` calls
+    assert main(["targets"]) == BUG_EXIT
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):", captured.err
+    assert f"{error.__name__}: " in captured.err and "in broken" in captured.err
+    assert lines[-1] == BUG_REPORT == "llmc: this is a bug in llmc; please report it with the traceback above"
+    assert "llmc: error:" not in captured.err and captured.out == ""
+
+
+def test_a_user_error_raised_anywhere_is_one_line(monkeypatch, capsys):
+    def refuse():
+        raise LlmcError("the host has no such thing; give another")
+
+    monkeypatch.setattr("llmc.common.targets.format_targets", refuse)
+    assert main(["targets"]) == 1
+    assert capsys.readouterr().err == "llmc: error: the host has no such thing; give another\n"
 
 
 def test_changed_weights_byte_is_refused_by_verify_and_run(bundle, tmp_path):
