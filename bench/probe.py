@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import torch
 
+from llmc.common.errors import LlmcError
 from llmc.models import ModelConfig
 
 T = TypeVar("T")
@@ -32,7 +33,7 @@ T = TypeVar("T")
 BUSY_LOAD = 0.5
 
 
-class BusyMachineError(ValueError):
+class BusyMachineError(LlmcError, ValueError):
     """A measurement was started on a busy machine."""
 
 

@@ -35,6 +35,7 @@ import llmc
 from llmc.bench import probe
 from llmc.bench import systems as systems_
 from llmc.bench.report import PEERS, compare
+from llmc.common.errors import UsageError
 from llmc.common.targets import get_target, resolve_dtype, targets_with_capability
 from llmc.compiler.api import compile as llmc_compile
 from llmc.models import ModelConfig
@@ -76,7 +77,7 @@ def host_target(device: str) -> str:
         return "cpu"
     known = targets_with_capability(torch.cuda.get_device_capability())
     if not known:
-        raise ValueError(f"no llmc target for {torch.cuda.get_device_name()}; pass --target")
+        raise UsageError(f"no llmc target for {torch.cuda.get_device_name()}; pass --target")
     return known[0].name
 
 
@@ -93,7 +94,7 @@ def prepare_model(model: str, directory: Path, device: str) -> BenchModel:
         return BenchModel(name, gguf.config(), path, {"pretrained_model_name_or_path": str(path.parent),
                                                       "gguf_file": path.name}, "gguf", gguf)
     if (path / "manifest.json").is_file():
-        raise ValueError(f"{model} is a bundle; bench needs the model it came from to build the peers: give its "
+        raise UsageError(f"{model} is a bundle; bench needs the model it came from to build the peers: give its "
                          "checkpoint directory, GGUF file or registry name")
     if path.is_dir():
         return BenchModel(path.resolve().name, read_config(path), path,
@@ -166,15 +167,15 @@ def run_bench(model: str, quick: bool = False, device: str = "cpu", lengths: lis
     settings.batches = sorted(set(batches or settings.batches))
     settings.repeat = settings.repeat if repeat is None else repeat
     if min(settings.lengths) < 1 or min(settings.batches) < 1 or settings.repeat < 1:
-        raise ValueError("--lengths, --batches and --repeat must be positive")
+        raise UsageError("--lengths, --batches and --repeat must be positive")
     unknown = sorted(set(peers or ()) - set(PEERS))
     if unknown:
-        raise ValueError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+        raise UsageError(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
     if device != "cpu" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise UsageError(f"device {device} asked for, but torch sees no CUDA GPU; use --device cpu")
     threads = len(os.sched_getaffinity(0)) if threads is None else threads
     if threads < 1:
-        raise ValueError("--threads must be positive")
+        raise UsageError("--threads must be positive")
     load_at_start = probe.check_quiet(force or quick)  # a quick run is never published
     tgt = get_target(target or host_target(device))
     dtype_name = resolve_dtype(tgt, dtype)

@@ -31,6 +31,9 @@ TOKENIZER_FILES = (
 
 HASH_CHUNK = 1 << 20
 
+# How a bundle's step graphs run: graph.json + Triton kernels, an ONNX model for onnxruntime, or that ONNX with
+# TensorRT builder settings (the engine is built on the GPU host).
+BACKENDS = ("triton", "onnx", "tensorrt")
 KV_BLOCK_SIZE = 16  # tokens per KV-cache block: the traced graphs and the runtime's cache agree on it
 DEFAULT_MAX_BATCH = 32  # the runtime's default largest batch; TensorRT's optimization profiles stop there
 

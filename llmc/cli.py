@@ -10,8 +10,8 @@ import time
 import traceback
 import warnings
 
+from llmc.common.contract import BACKENDS
 from llmc.common.errors import LlmcError, UsageError
-from llmc.passes.options import BACKENDS
 
 
 def _compile(a) -> None:
@@ -185,14 +185,9 @@ def _bench(a) -> None:
     from llmc.bench.report import markdown, write_results
     from llmc.bench.run import run_bench
 
-    try:
-        report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
-                           target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,
-                           peers=a.peers, force=a.force)
-    except ValueError as e:
-        # bench/ still words its refusals (a busy machine, an unknown peer, a bad --lengths) as ValueErrors, not
-        # LlmcErrors; until it raises those, a ValueError from it is the user's, as it was before errors had a type.
-        raise UsageError(str(e)) from e
+    report = run_bench(a.model, quick=a.quick, device=a.device, lengths=a.lengths, batches=a.batches,
+                       target=a.target, dtype=a.dtype, progress=True, threads=a.threads, repeat=a.repeat,
+                       peers=a.peers, force=a.force)
     out = a.out or os.path.join("bench", "results", report["device_slug"])
     written = write_results(report, out)
     print(markdown(report))

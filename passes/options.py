@@ -12,9 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmc.common.contract import BACKENDS
 from llmc.common.errors import UsageError
-
-BACKENDS = ("triton", "onnx", "tensorrt")
 
 
 @dataclass(frozen=True)
