@@ -16,19 +16,18 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from llmc.codegen import ops  # noqa: F401  (registers llmc:: ops the graphs call)
-from llmc.codegen.cpu.direct import call_directly
-from llmc.codegen.graph_io import graph_from_json, resolve_target
 from llmc.common.contract import DEFAULT_MAX_BATCH, STEP_INPUTS
 from llmc.common.errors import LlmcError, UsageError
 from llmc.runtime.block_manager import BlockManager, KVStats
 from llmc.runtime.bundle import Bundle, BundleError, open_bundle
 from llmc.runtime.chat import ChatTemplate, bundle_template, reply
+from llmc.runtime.graphs import load_graphs
 from llmc.runtime.kv_cache import PagedKVCache, block_bytes, format_bytes, parse_memory_size
 from llmc.runtime.sampling import make_generators, sample
 from llmc.runtime.scheduler import Scheduler, Sequence
@@ -74,7 +73,7 @@ class Engine:
     timing: Timing = field(default_factory=Timing)
     prefix_caching: bool = True
     kv_stats: KVStats = field(default_factory=KVStats)  # of the last generate() call
-    # Graphs that write every layer's keys and values into the cache themselves (see graph_writes_kv).
+    # Graphs that write every layer's keys and values into the cache themselves (runtime/graphs.py graph_writes_kv).
     graphs_writing_kv: frozenset[str] = frozenset()
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # most tokens of one sequence a prefill graph call computes
     # Entered around every graph call: on CUDA, the scope in which the launchers launch this engine's bundle's
@@ -280,71 +279,12 @@ def slot_mapping(block_tables: list[list[int]], starts: list[int], lengths: list
     return torch.tensor(rows, dtype=torch.long)
 
 
-# The ops that write a layer's keys and values into the cache in place (the fuse_kv_write pass, its CPU lowering).
-KV_WRITERS = ("llmc.rope_write_kv.default", "llmc.rope_write_kv_cpu.default")
-
-
-def graph_writes_kv(graph: dict, num_layers: int) -> bool:
-    """Whether a graph.json graph writes every layer's new keys and values into the cache itself: it calls a
-    KV_WRITERS op for each layer. A graph that writes only some layers (the pass skipped an attention) leaves the
-    writing to the engine, which then rewrites those layers with equal values."""
-    layers = set()
-    for node in graph["nodes"]:
-        if node.get("target") in KV_WRITERS:
-            schema = resolve_target(node["target"])._schema
-            layer = [a.name for a in schema.arguments].index("layer")  # by name: the op's schema says where
-            layers.add(node["kwargs"]["layer"] if "layer" in node.get("kwargs", {}) else node["args"][layer])
-    return layers == set(range(num_layers))
-
-
 def _uncached(seq: Sequence) -> list[int]:
     """seq's tokens from its first uncached one (without building prompt + output in full)."""
     prompt_len = len(seq.prompt)
     if seq.cached >= prompt_len:
         return seq.output[seq.cached - prompt_len:]
     return seq.prompt[seq.cached:] + seq.output
-
-
-def _shipped_kernel_scope(kernels_dir: Path) -> Callable[[], AbstractContextManager]:
-    """On CUDA the llmc ops run their Triton launchers, which inside the returned scope launch the bundle's cubins
-    (no Triton compilation) where it ships them for this GPU; what it lacks, they JIT-compile."""
-    from llmc.codegen.triton import launch
-    from llmc.codegen.triton.record import ShippedKernels
-    from llmc.runtime.kernels import KernelLibrary
-
-    launch.register_cuda_impls()
-    library = KernelLibrary(kernels_dir) if (kernels_dir / "index.json").is_file() else None
-    if library is not None:
-        library.load_all()
-    shipped = ShippedKernels(library) if library is not None else None
-    return partial(launch.using, shipped)
-
-
-def _load_graphs(bundle: Bundle, backend: str, dev: torch.device, dtype: torch.dtype
-                 ) -> tuple[dict, frozenset, Callable[[], AbstractContextManager]]:
-    """The bundle's prefill and decode graphs for its backend, those among them that write the KV cache, and the
-    kernel scope they run in (Engine.kernel_scope)."""
-    if backend == "onnx":
-        from llmc.runtime.onnx import OnnxGraph
-
-        graph = OnnxGraph(bundle.path / bundle.manifest["onnx"]["file"], dev, dtype)
-        return {"prefill": graph, "decode": graph}, frozenset(), contextlib.nullcontext
-    if backend == "tensorrt":
-        from llmc.runtime.tensorrt import load_graphs
-
-        return load_graphs(bundle, dev), frozenset(), contextlib.nullcontext
-    if backend != "triton":
-        raise BundleError(f"{bundle.path} runs with backend {backend!r}, which this llmc does not know; upgrade "
-                          f"llmc or recompile the bundle")
-    scope = _shipped_kernel_scope(bundle.path / "kernels") if dev.type == "cuda" else contextlib.nullcontext
-    weights = bundle.load_weights(dev)
-    graphs = {name: graph_from_json(g, weights, dev) for name, g in bundle.graph["graphs"].items()}
-    if dev.type == "cpu":
-        for gm in graphs.values():
-            call_directly(gm)  # skips the dispatcher's cost per llmc op call (codegen/cpu/direct.py)
-    num_layers = bundle.config["num_layers"]
-    writing = frozenset(name for name, g in bundle.graph["graphs"].items() if graph_writes_kv(g, num_layers))
-    return graphs, writing, scope
 
 
 def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str | None = None,
@@ -381,7 +321,7 @@ def load(path: str | Path, device: str | None = None, kv_cache_memory: int | str
     # A budget that does not depend on free GPU memory is checked before the weights load: a bad one fails fast.
     depends_on_free_memory = dev.type == "cuda" and kv_cache_memory is None and kv_cache_tokens is None
     budget = None if depends_on_free_memory else kv_cache_budget(*sizing)
-    graphs, writing, kernel_scope = _load_graphs(bundle, backend, dev, dtype)
+    graphs, writing, kernel_scope = load_graphs(bundle, backend, dev, dtype)
     if budget is None:
         budget = kv_cache_budget(*sizing)
     cache = PagedKVCache.from_budget(budget, cfg["num_layers"], block_size, cfg["num_kv_heads"], cfg["head_dim"],

@@ -68,7 +68,7 @@ def test_a_failed_write_leaves_the_old_manifest(tmp_path, monkeypatch):
 
 
 def test_graph_writes_kv_reads_the_layer_argument_by_its_name():
-    from llmc.runtime.engine import graph_writes_kv
+    from llmc.runtime.graphs import graph_writes_kv
 
     def node(target, layer):
         return {"op": "call_function", "target": target, "args": [None] * 9 + [layer, None], "kwargs": {}}

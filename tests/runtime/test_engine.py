@@ -296,7 +296,7 @@ def test_two_engines_each_launch_their_own_bundles_kernels(tiny_bundle, tmp_path
     from triton import knobs
 
     from llmc.codegen.triton import launch, render
-    from llmc.runtime import engine as engine_module, kernels
+    from llmc.runtime import graphs as graphs_module, kernels
 
     spec = dict(dtype="float32", weight_dtype="float32", out_dtype="float32", n=32, block_n=32, num_warps=1)
     x, weight = torch.randn(5, 32), torch.randn(32)
@@ -332,7 +332,7 @@ def test_two_engines_each_launch_their_own_bundles_kernels(tiny_bundle, tmp_path
         (tmp_path / name / "kernels").mkdir(parents=True)
         (tmp_path / name / "kernels" / "index.json").write_text("{}")
         engine = engines[name] = llmc.load(bundle)
-        engine.kernel_scope = engine_module._shipped_kernel_scope(tmp_path / name / "kernels")
+        engine.kernel_scope = graphs_module.shipped_kernel_scope(tmp_path / name / "kernels")
         calls[name] = 0
 
         def launching(*inputs, graph, name=name):
