@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import re
 import time
 import unittest.mock
 import warnings
@@ -47,6 +46,7 @@ from llmc.common.targets import DTYPE_ALIASES, get_target, targets_with_capabili
 from llmc.compiler import pipeline
 from llmc.compiler.api import record_report
 from llmc.compiler.pipeline import PipelineReport
+from llmc.freeze import Frozen, freeze, read_attribute_instead
 
 OPTION_NAMES = ("passes", "dtype", "check_passes", "max_seq_len", "inductor")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -112,20 +112,6 @@ class BackendReport:
                           f"dynamic inputs: {dynamic}", self.pipeline.format(), f"time: {times}"])
 
 
-@dataclass
-class _Frozen:
-    """Dynamo's graph with its weights as buffers. aot_autograd lifts those buffers back into inputs, first and
-    in `names` order, so the lowered graph's first len(names) placeholders are these weights."""
-
-    gm: GraphModule
-    names: list[str]
-    tensors: list[torch.Tensor]
-    cast: list[bool]  # the tensor is a dtype-policy copy, not the model's own (writes to it would be lost)
-    runtime_positions: list[int]  # dynamo's inputs that stay inputs
-    runtime_examples: list
-    runtime_names: list[str]
-
-
 def llmc_backend(gm: GraphModule, example_inputs: Sequence, options: dict | None = None,
                  mode: str | None = None) -> Callable:
     """The torch.compile backend (see the module docstring); dynamo calls it once per captured graph."""
@@ -134,7 +120,7 @@ def llmc_backend(gm: GraphModule, example_inputs: Sequence, options: dict | None
     opts = BackendOptions.parse(options)
     start = time.perf_counter()
     max_seq_len = opts.max_seq_len or _visible_max_positions()
-    frozen = _freeze(gm, example_inputs, opts.dtype)
+    frozen = freeze(gm, example_inputs, opts.dtype)
     if any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         from llmc.codegen.triton.launch import register_cuda_impls
 
@@ -173,93 +159,6 @@ class _Lowered:
 
         self.gm, self.fake_inputs, self.stay = gm, list(fake_inputs), _writes_or_aliases(self.weights)
         return make_boxed_func(lambda *args: self.runner(*args))
-
-
-def _is_weight(value) -> bool:
-    """A parameter or buffer of an nn.Module dynamo inlined (it marks those static inputs "unguarded")."""
-    from torch._dynamo.utils import get_static_address_type
-
-    return isinstance(value, torch.Tensor) and (isinstance(value, torch.nn.Parameter)
-                                                or get_static_address_type(value) == "unguarded")
-
-
-def _weight_name(placeholder: str) -> str:
-    """l_self_modules_model_modules_norm_parameters_weight_ -> model_norm_weight."""
-    name = re.sub(r"^l_(self_)?", "", placeholder)
-    name = re.sub(r"(^|_)(modules|parameters|buffers)_", r"\1", name).strip("_")
-    return name if name.isidentifier() else f"weight_{name}"
-
-
-def _freeze(dynamo_gm: GraphModule, example_inputs: Sequence, dtype: torch.dtype | None) -> _Frozen:
-    graph = torch.fx.Graph()
-    graph._codegen = dynamo_gm.graph._codegen
-    graph.output(graph.graph_copy(dynamo_gm.graph, {}))  # dynamo keeps its own graph: never edit it
-    gm = GraphModule(torch.nn.Module(), graph)
-    placeholders = graph.find_nodes(op="placeholder")
-    if len(placeholders) != len(example_inputs):
-        raise RuntimeError(f"dynamo gave {len(example_inputs)} inputs for {len(placeholders)} placeholders")
-    by_identity: dict[int, str] = {}  # a tied weight is one tensor behind two inputs: one buffer
-    frozen = _Frozen(gm, [], [], [], [], [], [])
-    for position, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not _is_weight(value):
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                raise UsageError(f"input {node.name} requires grad; the llmc backend compiles inference only: "
-                                 "run the model under torch.no_grad() or detach the input")
-            frozen.runtime_positions.append(position)
-            frozen.runtime_examples.append(value)
-            frozen.runtime_names.append(re.sub(r"^l_", "", node.name).strip("_"))
-            _cast_on_entry(graph, node, value, dtype)
-            continue
-        name = by_identity.get(id(value))
-        if name is None:
-            name = _weight_name(node.name)
-            while hasattr(gm, name):
-                name += "_"
-            tensor = value.detach()
-            # Parameters only: buffers such as RoPE's inverse frequencies keep their (float32) precision.
-            cast = dtype is not None and isinstance(value, torch.nn.Parameter) and tensor.is_floating_point() \
-                and tensor.dtype != dtype
-            gm.register_buffer(name, tensor.to(dtype) if cast else tensor)
-            by_identity[id(value)] = name
-            frozen.names.append(name)
-            frozen.tensors.append(getattr(gm, name))
-            frozen.cast.append(cast)
-        _read_attribute_instead(gm, node, name)
-    if dtype is not None:
-        _cast_outputs_back(graph)
-    gm.recompile()
-    return frozen
-
-
-def _read_attribute_instead(gm: GraphModule, placeholder, name: str) -> None:
-    """Replaces an input by a get_attr of gm's attribute `name`, keeping the input's meta (its fake value)."""
-    with gm.graph.inserting_before(placeholder):
-        attr = gm.graph.get_attr(name)
-    attr.meta.update(placeholder.meta)
-    placeholder.replace_all_uses_with(attr)
-    gm.graph.erase_node(placeholder)
-
-
-def _cast_on_entry(graph: torch.fx.Graph, node, value, dtype: torch.dtype | None) -> None:
-    if dtype is None or not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dtype:
-        return
-    with graph.inserting_after(node):
-        cast = graph.call_method("to", (node, dtype))
-    node.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
-
-
-def _cast_outputs_back(graph: torch.fx.Graph) -> None:
-    """Floating outputs return in the dtype eager computes them in (dynamo recorded it as example_value)."""
-    output = graph.output_node()
-
-    def back(arg):
-        eager = arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else None
-        if not isinstance(eager, torch.Tensor) or not eager.is_floating_point():
-            return arg
-        with graph.inserting_before(output):
-            return graph.call_method("to", (arg, eager.dtype))
-
-    output.args = torch.fx.node.map_aggregate(output.args, back)
 
 
 @functools.cache
@@ -306,7 +205,7 @@ def _writes_or_aliases(count: int) -> set[int]:
     return (written | aliased) & set(range(count))
 
 
-def _compile_lowered(lowered: _Lowered, frozen: _Frozen, opts: BackendOptions, max_seq_len: int | None,
+def _compile_lowered(lowered: _Lowered, frozen: Frozen, opts: BackendOptions, max_seq_len: int | None,
                      start: float) -> Callable:
     """Binds the weights into the lowered graph as constants, runs the passes, returns the graph's runner."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -324,7 +223,7 @@ def _compile_lowered(lowered: _Lowered, frozen: _Frozen, opts: BackendOptions, m
     for i, node in enumerate(placeholders[:weights]):
         if i not in stay:
             gm.register_buffer(frozen.names[i], frozen.tensors[i])
-            _read_attribute_instead(gm, node, frozen.names[i])
+            read_attribute_instead(gm, node, frozen.names[i])
     gm.recompile()
     kept = [i for i in range(len(placeholders)) if i >= weights or i in stay]
     name = f"graph {next(_GRAPH_NUMBERS)}"
@@ -375,7 +274,7 @@ def _concrete(value):
     return value.node.hint if isinstance(value, torch.SymInt) else value
 
 
-def _weights_dtype(frozen: _Frozen) -> torch.dtype | None:
+def _weights_dtype(frozen: Frozen) -> torch.dtype | None:
     """The floating dtype holding most weight elements: the model's dtype for the passes."""
     totals: dict[torch.dtype, int] = {}
     for tensor in frozen.tensors:
@@ -394,7 +293,7 @@ def _target(examples: Sequence):
     return None
 
 
-def _dynamic_inputs(frozen: _Frozen) -> list[str]:
+def _dynamic_inputs(frozen: Frozen) -> list[str]:
     """Tensor inputs dynamo made dynamic, with their sizes as dynamo's fake tensors hold them."""
     found = []
     for name, node in zip(frozen.runtime_names, frozen.gm.graph.find_nodes(op="placeholder")):

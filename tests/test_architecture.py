@@ -3,7 +3,7 @@ a bundle and generates never imports the compiler.
 
 Stages, top to bottom (DESIGN.md, "Import direction, never reversed"):
 
-    llmc (the public face: __init__, cli, backend, openmp)
+    llmc (the public face: __init__, cli, backend (+ freeze), openmp)
     bench                          beside the stages, a client of them as a user is
     compiler -> passes -> codegen
     runtime  -> codegen            the runtime never imports compiler/ or passes/
